@@ -1,0 +1,4 @@
+from gradcam_batch.cli import main
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,193 @@
+"""Dataclass schemas for every config group, registered in Hydra's ConfigStore.
+
+The YAML files under conf/ only pick defaults. Validation runs in __post_init__ when the
+resolved config is turned into these objects (OmegaConf.to_object), so every error names the
+bad value and the fix before any work starts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, List, Optional
+
+from hydra.core.config_store import ConfigStore
+
+from gradcam_batch import UserError
+from gradcam_batch.methods import METHODS
+
+DATA_FORMATS = ("demo", "imagefolder", "webdataset", "parquet")
+MODEL_SOURCES = ("demo", "torchvision", "checkpoint")
+TARGET_MODES = ("pred", "topk", "label", "classes")
+BACKENDS = ("auto", "torch", "triton")
+DEVICES = ("auto", "cpu", "cuda")
+AMP_MODES = ("auto", "bf16", "fp16", "off")
+
+
+def _choice(name: str, value: Any, allowed: tuple) -> None:
+    if value not in allowed:
+        raise UserError(f"{name}={value!r} is not valid; use one of: {', '.join(allowed)}")
+
+
+def _at_least(name: str, value: int, low: int) -> None:
+    if value is None or value < low:
+        raise UserError(f"{name}={value!r} is not valid; it must be an integer >= {low}")
+
+
+@dataclass
+class DataConfig:
+    format: str = "demo"
+    """Where images come from: demo (generated offline), imagefolder, webdataset or parquet."""
+    root: Optional[str] = None
+    """imagefolder: the directory holding one sub-folder per class. demo: where the generated
+    dataset is cached (default: <output.dir>/demo-data)."""
+    shards: Optional[str] = None
+    """webdataset / parquet: a glob (or comma-separated globs) of shard files."""
+    shard_size: int = 1000
+    """imagefolder: images per shard (the unit of output files and of resume)."""
+    image_column: str = "image"
+    """parquet: column with the encoded image (binary, or a struct with a `bytes` field)."""
+    label_column: Optional[str] = "label"
+    """parquet: integer label column; missing column means unknown labels."""
+    id_column: Optional[str] = None
+    """parquet: sample id column; without it ids are `<shard stem>/<row index>`."""
+    resize: int = 256
+    """Resize the shorter image side to this many pixels before cropping."""
+    crop: int = 224
+    """Center crop size (square) fed to the model."""
+    mean: List[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])
+    """Per-channel mean for normalization (ImageNet by default)."""
+    std: List[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
+    """Per-channel standard deviation for normalization (ImageNet by default)."""
+    batch_size: int = 64
+    """Images per batch on the device."""
+    num_workers: int = 2
+    """DataLoader worker processes that read and decode shards (0 decodes in the main process)."""
+    demo_images: int = 1200
+    """demo: how many synthetic images to generate."""
+
+    def __post_init__(self) -> None:
+        _choice("data.format", self.format, DATA_FORMATS)
+        _at_least("data.batch_size", self.batch_size, 1)
+        _at_least("data.num_workers", self.num_workers, 0)
+        _at_least("data.shard_size", self.shard_size, 1)
+        _at_least("data.resize", self.resize, 1)
+        _at_least("data.crop", self.crop, 1)
+        if self.crop > self.resize:
+            raise UserError(f"data.crop={self.crop} is larger than data.resize={self.resize}; "
+                            "set data.crop <= data.resize")
+        if len(self.mean) != 3 or len(self.std) != 3 or min(self.std) <= 0:
+            raise UserError(f"data.mean={self.mean} / data.std={self.std} need 3 values each, std > 0")
+        if self.format == "imagefolder" and not self.root:
+            raise UserError("data=imagefolder needs data.root=DIR (a folder of class sub-folders)")
+        if self.format in ("webdataset", "parquet") and not self.shards:
+            raise UserError(f"data={self.format} needs data.shards='DIR/*.{'tar' if self.format == 'webdataset' else 'parquet'}'")
+
+
+@dataclass
+class ModelConfig:
+    source: str = "demo"
+    """Where the model comes from: demo (built-in), torchvision, or checkpoint (a whole-model file)."""
+    name: Optional[str] = None
+    """torchvision: the model builder name, e.g. resnet50."""
+    weights: Optional[str] = None
+    """torchvision: a local state_dict file, a weights enum name (e.g. IMAGENET1K_V2, resolved
+    through the torch hub cache), or null for random init. checkpoint: the model file."""
+    num_classes: Optional[int] = None
+    """torchvision: number of output classes when it differs from the default (1000)."""
+    target_layer: str = "auto"
+    """Dotted module name of the layer to explain, or auto (last module with a 4-D output of
+    spatial size > 1)."""
+    trust_checkpoint: bool = False
+    """checkpoint: allow unpickling a whole-model file. Only for files you trust."""
+    seed: int = 0
+    """Seed for random-init weights."""
+
+    def __post_init__(self) -> None:
+        _choice("model.source", self.source, MODEL_SOURCES)
+        if self.source == "torchvision" and not self.name:
+            raise UserError("model=torchvision needs model.name=NAME (e.g. resnet50)")
+        if self.source == "checkpoint" and not self.weights:
+            raise UserError("model=checkpoint needs model.weights=FILE (a whole-model file)")
+        if self.num_classes is not None:
+            _at_least("model.num_classes", self.num_classes, 1)
+
+
+@dataclass
+class CamConfig:
+    method: str = "gradcam"
+    """CAM formula: gradcam, gradcampp, xgradcam, hirescam, layercam or elementwise."""
+    targets: str = "pred"
+    """Which classes get a map: pred (top-1), topk, label (the sample's label), classes (a list)."""
+    topk: int = 5
+    """Maps per image with targets=topk."""
+    classes: List[int] = field(default_factory=list)
+    """Class indices with targets=classes."""
+    normalize: bool = True
+    """Per-map min-max to [0, 1] after ReLU; false keeps raw values."""
+    backend: str = "auto"
+    """auto (Triton kernel on CUDA, PyTorch elsewhere), torch, or triton."""
+
+    def __post_init__(self) -> None:
+        _choice("cam.method", self.method, METHODS)
+        _choice("cam.targets", self.targets, TARGET_MODES)
+        _choice("cam.backend", self.backend, BACKENDS)
+        if self.targets == "topk":
+            _at_least("cam.topk", self.topk, 1)
+        if self.targets == "classes":
+            if not self.classes:
+                raise UserError("cam.targets=classes needs cam.classes=[i,j,...] (class indices)")
+            for index in self.classes:
+                _at_least("cam.classes[...]", index, 0)
+
+    @property
+    def num_targets(self) -> int:
+        return {"topk": self.topk, "classes": len(self.classes)}.get(self.targets, 1)
+
+
+@dataclass
+class OutputConfig:
+    dir: str = "gradcam-out"
+    """Output directory: cams/part-<shard>.parquet, errors/part-<shard>.parquet."""
+    compression: str = "zstd"
+    """Parquet compression codec."""
+    queue_size: int = 8
+    """Finished batches the writer thread may hold before the device waits."""
+
+    def __post_init__(self) -> None:
+        _at_least("output.queue_size", self.queue_size, 1)
+
+
+@dataclass
+class RuntimeConfig:
+    device: str = "auto"
+    """auto (CUDA when available), cpu or cuda."""
+    amp: str = "auto"
+    """Autocast: auto (bf16 on CUDA, off on CPU), bf16, fp16, off."""
+    channels_last: bool = True
+    """Use the NHWC memory layout on CUDA."""
+    progress: bool = True
+    """Show a progress bar."""
+    threads: int = 0
+    """Torch intra-op threads on CPU (0 keeps torch's default)."""
+
+    def __post_init__(self) -> None:
+        _choice("runtime.device", self.device, DEVICES)
+        _choice("runtime.amp", self.amp, AMP_MODES)
+        _at_least("runtime.threads", self.threads, 0)
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    cam: CamConfig = field(default_factory=CamConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+
+
+def register_configs() -> None:
+    store = ConfigStore.instance()
+    store.store(name="schema", node=Config)
+    for group, node in (("data", DataConfig), ("model", ModelConfig), ("cam", CamConfig),
+                        ("output", OutputConfig), ("runtime", RuntimeConfig)):
+        store.store(group=group, name="schema", node=node)

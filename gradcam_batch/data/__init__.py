@@ -1,0 +1,1 @@
+"""Shard listing, readers per format, decoding and transforms, DataLoader assembly."""

@@ -1,0 +1,115 @@
+"""Readers per shard format. Each yields RawSample records in shard order; nothing here
+decodes images, so the same readers feed CPU workers and device decoders."""
+
+from __future__ import annotations
+
+import json
+import os
+import tarfile
+from dataclasses import dataclass
+from typing import Iterator, Optional
+
+from gradcam_batch.config import DataConfig
+from gradcam_batch.data.shards import Shard
+
+WDS_IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
+
+
+@dataclass
+class RawSample:
+    sample_id: str
+    label: int  # -1 when unknown
+    payload: Optional[bytes]  # encoded image; None when the sample failed before decoding
+    meta: Optional[dict] = None  # e.g. {"box": [x0, y0, x1, y1]} in pixels
+    error: Optional[tuple[str, str, str]] = None  # (stage, error type, message)
+
+
+def _imagefolder(shard: Shard) -> Iterator[RawSample]:
+    for relative, label in shard.files:
+        try:
+            with open(os.path.join(shard.root, relative), "rb") as handle:
+                payload = handle.read()
+        except OSError as error:
+            yield RawSample(relative, label, None, error=("read", type(error).__name__, str(error)))
+            continue
+        yield RawSample(relative, label, payload)
+
+
+def _wds_sample(key: str, members: dict[str, bytes]) -> RawSample:
+    label, meta = -1, None
+    try:
+        if "cls" in members:
+            label = int(members["cls"].decode().strip())
+        if "json" in members:
+            meta = json.loads(members["json"])
+    except (ValueError, UnicodeDecodeError) as error:
+        return RawSample(key, -1, None, error=("read", type(error).__name__, f"bad label or json: {error}"))
+    image = next((members[ext] for ext in WDS_IMAGE_EXTENSIONS if ext in members), None)
+    if image is None:
+        return RawSample(key, label, None, error=("read", "MissingImage",
+                                                  f"no image member ({'/'.join(WDS_IMAGE_EXTENSIONS)}) for key"))
+    return RawSample(key, label, image, meta=meta if isinstance(meta, dict) else None)
+
+
+def _webdataset(shard: Shard) -> Iterator[RawSample]:
+    """Members `<key>.<ext>` grouped by key (WebDataset: the extension starts at the first dot
+    of the base name); consecutive members with one key form a sample."""
+    key, members = None, {}
+    try:
+        with tarfile.open(shard.path, mode="r|*") as tar:
+            for member in tar:
+                if not member.isfile():
+                    continue
+                directory, base = os.path.split(member.name)
+                stem, _, extension = base.partition(".")
+                member_key = f"{directory}/{stem}" if directory else stem
+                if member_key != key:
+                    if key is not None:
+                        yield _wds_sample(key, members)
+                    key, members = member_key, {}
+                members[extension.lower()] = tar.extractfile(member).read()
+    except (tarfile.TarError, OSError, EOFError) as error:
+        if key is not None:
+            yield _wds_sample(key, members)
+            key = None
+        yield RawSample(f"{shard.shard_id}/<tar>", -1, None, error=("read", type(error).__name__, str(error)))
+    if key is not None:
+        yield _wds_sample(key, members)
+
+
+def _parquet(shard: Shard, cfg: DataConfig) -> Iterator[RawSample]:
+    import pyarrow.parquet as pq
+
+    stem = os.path.splitext(os.path.basename(shard.path))[0]
+    try:
+        file = pq.ParquetFile(shard.path)
+        names = file.schema_arrow.names
+        columns = [cfg.image_column]
+        label_column = cfg.label_column if cfg.label_column in names else None
+        id_column = cfg.id_column if cfg.id_column in names else None
+        columns += [c for c in (label_column, id_column) if c]
+        row = 0
+        for batch in file.iter_batches(batch_size=256, columns=columns):
+            images = batch.column(cfg.image_column).to_pylist()
+            labels = batch.column(label_column).to_pylist() if label_column else [None] * len(images)
+            ids = batch.column(id_column).to_pylist() if id_column else [None] * len(images)
+            for image, label, sample_id in zip(images, labels, ids):
+                sample_id = str(sample_id) if sample_id is not None else f"{stem}/{row}"
+                row += 1
+                if isinstance(image, dict):  # Hugging Face datasets: struct<bytes, path>
+                    image = image.get("bytes")
+                label = int(label) if label is not None else -1
+                if not image:
+                    yield RawSample(sample_id, label, None, error=("read", "MissingImage", "empty image cell"))
+                else:
+                    yield RawSample(sample_id, label, bytes(image))
+    except (OSError, ValueError) as error:  # pyarrow raises ArrowInvalid (a ValueError) / OSError
+        yield RawSample(f"{shard.shard_id}/<parquet>", -1, None, error=("read", type(error).__name__, str(error)))
+
+
+def iter_samples(shard: Shard, cfg: DataConfig) -> Iterator[RawSample]:
+    if shard.format == "imagefolder":
+        return _imagefolder(shard)
+    if shard.format == "webdataset":
+        return _webdataset(shard)
+    return _parquet(shard, cfg)

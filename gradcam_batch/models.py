@@ -1,0 +1,191 @@
+"""Build the classifier (torchvision, whole-model checkpoint, or the built-in demo CNN) and
+resolve the layer to explain."""
+
+from __future__ import annotations
+
+import difflib
+import logging
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from gradcam_batch import UserError
+from gradcam_batch.config import ModelConfig
+
+log = logging.getLogger("gradcam_batch")
+
+DEMO_WEIGHTS = Path(__file__).parent / "assets" / "demo_cnn.pt"
+DEMO_CLASSES = ("circle", "square", "triangle", "cross")
+
+
+class DemoCNN(nn.Module):
+    """A small all-convolutional classifier with global average pooling.
+
+    Global pooling after the last convolution keeps the spatial evidence of each class in
+    `features` (16x16 for 64x64 inputs), which is what makes its Grad-CAM maps localise.
+    """
+
+    def __init__(self, num_classes: int = len(DEMO_CLASSES)):
+        super().__init__()
+
+        def block(cin: int, cout: int) -> list[nn.Module]:
+            return [nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU()]
+
+        self.features = nn.Sequential(
+            *block(3, 16), nn.MaxPool2d(2),
+            *block(16, 32), nn.MaxPool2d(2),
+            *block(32, 64),
+            *block(64, 96),
+        )
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.classifier = nn.Linear(96, num_classes)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.pool(self.features(images)).flatten(1))
+
+
+def _load_state_dict(path: str) -> dict:
+    if not os.path.isfile(path):
+        raise UserError(f"model.weights={path!r}: file not found; pass an existing state_dict file")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # a pickle that needs code, or not a torch file at all
+        raise UserError(f"model.weights={path!r} is not a loadable state_dict "
+                        f"({type(error).__name__}); save it with torch.save(model.state_dict())") from error
+    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict):
+        raise UserError(f"model.weights={path!r} holds a {type(state).__name__}, not a state_dict")
+    return state
+
+
+def _torchvision_model(cfg: ModelConfig) -> nn.Module:
+    import torchvision
+
+    available = torchvision.models.list_models()
+    if cfg.name not in available:
+        close = difflib.get_close_matches(cfg.name, available, n=3)
+        hint = f"; did you mean {', '.join(close)}?" if close else "; see torchvision.models.list_models()"
+        raise UserError(f"model.name={cfg.name!r} is not a torchvision model{hint}")
+    kwargs = {} if cfg.num_classes is None else {"num_classes": cfg.num_classes}
+    torch.manual_seed(cfg.seed)
+    model = torchvision.models.get_model(cfg.name, weights=None, **kwargs)
+    weights = cfg.weights
+    if weights is None:
+        log.warning("model.weights=null: %s has random weights (seed %d); maps explain nothing real",
+                    cfg.name, cfg.seed)
+        return model
+    if os.path.sep in weights or weights.endswith((".pt", ".pth", ".bin", ".ckpt")) or os.path.exists(weights):
+        state = _load_state_dict(weights)
+    else:
+        state = _hub_cached_weights(cfg.name, weights)
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as error:
+        first = str(error).strip().splitlines()[0]
+        raise UserError(f"model.weights={weights!r} does not fit {cfg.name}: {first}") from error
+    return model
+
+
+def _hub_cached_weights(name: str, weights: str) -> dict:
+    """A torchvision weights enum (IMAGENET1K_V1 or ResNet50_Weights.IMAGENET1K_V1) from the
+    torch hub cache only: this tool never downloads at run time."""
+    import torchvision
+
+    try:
+        enum = torchvision.models.get_model_weights(name)
+    except Exception as error:
+        raise UserError(f"model.name={name!r} has no weights enum; pass model.weights=FILE") from error
+    member = weights.split(".")[-1]
+    if member not in enum.__members__:
+        raise UserError(f"model.weights={weights!r} is not one of {', '.join(enum.__members__)} "
+                        "and not an existing file")
+    url = enum[member].url
+    cached = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(url)
+    if not cached.is_file():
+        raise UserError(f"model.weights={weights!r} is not in the torch hub cache ({cached}); "
+                        "download it once with network access, or pass model.weights=FILE")
+    return torch.load(cached, map_location="cpu", weights_only=True)
+
+
+def _checkpoint_model(cfg: ModelConfig) -> nn.Module:
+    if not os.path.isfile(cfg.weights):
+        raise UserError(f"model.weights={cfg.weights!r}: file not found; pass a whole-model file")
+    if not cfg.trust_checkpoint:
+        raise UserError(f"model=checkpoint unpickles {cfg.weights!r}, which can run code; "
+                        "set model.trust_checkpoint=true only for files you trust")
+    model = torch.load(cfg.weights, map_location="cpu", weights_only=False)
+    if not isinstance(model, nn.Module):
+        raise UserError(f"model.weights={cfg.weights!r} holds a {type(model).__name__}, not an nn.Module; "
+                        "use model=torchvision with a state_dict instead")
+    return model
+
+
+def demo_model() -> nn.Module:
+    model = DemoCNN()
+    if not DEMO_WEIGHTS.is_file():
+        raise UserError(f"demo weights missing at {DEMO_WEIGHTS}; run scripts/train_demo_model.py")
+    model.load_state_dict(torch.load(DEMO_WEIGHTS, map_location="cpu", weights_only=True))
+    return model
+
+
+def build_model(cfg: ModelConfig) -> nn.Module:
+    """The model in eval mode with frozen parameters and no in-place activations.
+
+    In-place ops after the target layer would write into the hooked activation (a leaf that
+    requires grad), so they are switched off; the cost is one extra buffer per such op.
+    """
+    if cfg.source == "demo":
+        model = demo_model()
+    elif cfg.source == "torchvision":
+        model = _torchvision_model(cfg)
+    else:
+        model = _checkpoint_model(cfg)
+    model.eval().requires_grad_(False)
+    for module in model.modules():
+        if getattr(module, "inplace", False) is True:
+            module.inplace = False
+    return model
+
+
+def _spatial_output_modules(model: nn.Module, sample: torch.Tensor) -> list[tuple[str, tuple]]:
+    """(name, output shape) of every module with a 4-D output, in the order outputs complete."""
+    seen: list[tuple[str, tuple]] = []
+    handles = []
+    for name, module in model.named_modules():
+        if not name:
+            continue
+
+        def hook(module, inputs, output, name=name):
+            if isinstance(output, torch.Tensor) and output.dim() == 4:
+                seen.append((name, tuple(output.shape)))
+
+        handles.append(module.register_forward_hook(hook))
+    try:
+        with torch.no_grad():
+            model(sample)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return seen
+
+
+def resolve_target_layer(model: nn.Module, requested: str, sample: torch.Tensor) -> tuple[str, nn.Module]:
+    """The layer to explain: a dotted module name, or `auto` (the last module to produce a 4-D
+    output with more than one spatial position)."""
+    modules = dict(model.named_modules())
+    if requested != "auto":
+        if requested not in modules or not requested:
+            close = difflib.get_close_matches(requested, [n for n in modules if n], n=3)
+            hint = f"; did you mean {', '.join(close)}?" if close else ""
+            raise UserError(f"model.target_layer={requested!r} is not a module of this model{hint}")
+        return requested, modules[requested]
+    candidates = [name for name, shape in _spatial_output_modules(model, sample) if shape[2] * shape[3] > 1]
+    if not candidates:
+        raise UserError("model.target_layer=auto found no module with a spatial 4-D output; "
+                        "name one with model.target_layer=NAME")
+    name = candidates[-1]
+    log.info("target layer: %s (auto)", name)
+    return name, modules[name]

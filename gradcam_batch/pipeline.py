@@ -1,0 +1,186 @@
+"""Wire the stages together: shards -> loader -> device preprocessing -> engine -> writer.
+
+The loop makes one host copy per batch (finished maps and scores) and hands it to the writer
+thread; nothing flows back to an earlier stage.
+"""
+
+from __future__ import annotations
+
+import logging
+import platform
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import gradcam_batch
+from gradcam_batch import UserError, dist
+from gradcam_batch.config import Config
+from gradcam_batch.data.demo import ensure_demo_shards
+from gradcam_batch.data.loader import Batch, build_loader
+from gradcam_batch.data.shards import list_shards
+from gradcam_batch.engine import CamEngine, CamResult
+from gradcam_batch.models import build_model, resolve_target_layer
+from gradcam_batch.writer import ParquetShardWriter, ShardOutput, completed_shards
+
+log = logging.getLogger("gradcam_batch")
+
+
+@dataclass
+class Summary:
+    images: int
+    rows: int
+    errors: int
+    shards_written: int
+    shards_skipped: int
+    seconds: float
+    images_per_second: float
+    output_dir: str
+    target_layer: str
+    pointing_hits: int
+    pointing_total: int
+
+    @property
+    def pointing_game(self) -> float | None:
+        return self.pointing_hits / self.pointing_total if self.pointing_total else None
+
+    def lines(self) -> list[str]:
+        lines = [
+            f"images      {self.images}",
+            f"rows        {self.rows}",
+            f"errors      {self.errors}",
+            f"shards      {self.shards_written} written, {self.shards_skipped} already complete",
+            f"throughput  {self.images_per_second:.1f} img/s ({self.seconds:.1f} s)",
+            f"layer       {self.target_layer}",
+            f"output      {Path(self.output_dir).resolve() / 'cams'}",
+        ]
+        if self.pointing_game is not None:
+            lines.append(f"pointing    {self.pointing_game:.3f} ({self.pointing_hits}/{self.pointing_total} "
+                         "maps peak inside the object box)")
+        return lines
+
+
+def resolve_device(requested: str) -> torch.device:
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise UserError("runtime.device=cuda but no CUDA device is available; use runtime.device=auto or cpu")
+    if requested == "cpu" or (requested == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    return torch.device("cuda", dist.local_rank() % torch.cuda.device_count())
+
+
+def resolve_amp(requested: str, device: torch.device) -> torch.dtype | None:
+    if requested == "off" or (requested == "auto" and device.type != "cuda"):
+        return None
+    if requested == "fp16" and device.type != "cuda":
+        raise UserError("runtime.amp=fp16 needs CUDA; use runtime.amp=bf16 or off on CPU")
+    return torch.float16 if requested == "fp16" else torch.bfloat16
+
+
+def pointing_hits(result: CamResult, boxes: np.ndarray) -> tuple[int, int]:
+    """Rank-0 maps whose peak cell (its centre, with half a cell of slack) lies in the box."""
+    known = ~np.isnan(boxes).any(axis=1)
+    if not known.any():
+        return 0, 0
+    height, width = result.cams.shape[2:]
+    peak = result.peak[:, 0].numpy()[known]
+    x = ((peak % width) + 0.5) / width
+    y = ((peak // width) + 0.5) / height
+    box = boxes[known]
+    slack_x, slack_y = 0.5 / width, 0.5 / height
+    hit = ((x >= box[:, 0] - slack_x) & (x <= box[:, 2] + slack_x)
+           & (y >= box[:, 1] - slack_y) & (y <= box[:, 3] + slack_y))
+    return int(hit.sum()), int(known.sum())
+
+
+def _metadata(cfg: Config, resolved: dict, layer: str) -> dict:
+    import pyarrow
+    import torchvision
+
+    return {
+        "config": resolved,
+        "model": cfg.model.name or cfg.model.source,
+        "target_layer": layer,
+        "method": cfg.cam.method,
+        "versions": {"gradcam_batch": gradcam_batch.__version__, "torch": torch.__version__,
+                     "torchvision": torchvision.__version__, "pyarrow": pyarrow.__version__,
+                     "python": platform.python_version()},
+    }
+
+
+class Preprocess:
+    """uint8 (B, 3, H, W) on the host -> normalized float on the device, in one fused op."""
+
+    def __init__(self, mean, std, device: torch.device, channels_last: bool):
+        std_tensor = torch.tensor(std, device=device).view(1, 3, 1, 1)
+        self.scale = 1.0 / (255.0 * std_tensor)
+        self.shift = -torch.tensor(mean, device=device).view(1, 3, 1, 1) / std_tensor
+        self.device = device
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        images = images.to(self.device, non_blocking=True).to(memory_format=self.memory_format)
+        return torch.addcmul(self.shift, images.float(), self.scale)
+
+
+def run(cfg: Config, resolved: dict | None = None) -> Summary:
+    start = time.perf_counter()
+    device = resolve_device(cfg.runtime.device)
+    if cfg.runtime.threads:
+        torch.set_num_threads(cfg.runtime.threads)
+    amp_dtype = resolve_amp(cfg.runtime.amp, device)
+    channels_last = cfg.runtime.channels_last and device.type == "cuda"
+
+    model = build_model(cfg.model).to(device)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    sample = torch.zeros(1, 3, cfg.data.crop, cfg.data.crop, device=device)
+    layer_name, layer = resolve_target_layer(model, cfg.model.target_layer, sample)
+    with torch.no_grad():
+        num_classes = model(sample).shape[1]
+    engine = CamEngine(model, layer, cfg.cam, device, amp_dtype, num_classes=num_classes)
+
+    if cfg.data.format == "demo":
+        cfg.data.shards = ensure_demo_shards(cfg.data.root or Path(cfg.output.dir) / "demo-data", cfg.data.demo_images)
+    shards = dist.assign(list_shards(cfg.data), dist.rank(), dist.world_size())
+    done = completed_shards(cfg.output.dir)
+    todo = [shard for shard in shards if shard.shard_id not in done]
+    skipped = len(shards) - len(todo)
+    if skipped:
+        log.info("resuming: %d of %d shards already complete", skipped, len(shards))
+    total = sum(len(s.files) for s in todo) if all(s.format == "imagefolder" for s in todo) else None
+
+    preprocess = Preprocess(cfg.data.mean, cfg.data.std, device, channels_last)
+    images = rows = errors = hits = pointed = 0
+    from tqdm import tqdm
+
+    with ParquetShardWriter(cfg.output.dir, _metadata(cfg, resolved or {}, layer_name),
+                            cfg.output.compression, cfg.output.queue_size) as writer, \
+            tqdm(total=total, unit="img", disable=not cfg.runtime.progress or dist.rank() != 0,
+                 dynamic_ncols=True, leave=False) as bar:
+        batch: Batch
+        for batch in build_loader(todo, cfg.data, pin_memory=device.type == "cuda"):
+            count = len(batch.sample_ids)
+            errors += len(batch.errors)
+            if count:
+                result = engine(preprocess(batch.images), batch.labels.to(device, non_blocking=True)).to_host()
+                h, p = pointing_hits(result, batch.boxes.numpy())
+                hits, pointed = hits + h, pointed + p
+                rows += result.target_classes.numel()
+                images += count
+                out = ShardOutput(batch.shard_id, batch.sample_ids, batch.labels.numpy(),
+                                  result.target_classes.numpy(), result.scores.numpy(), result.probs.numpy(),
+                                  result.cams.numpy(), result.cam_mean.numpy(), result.peak.numpy(),
+                                  batch.errors, batch.last)
+            else:
+                empty = np.empty((0, 1))
+                out = ShardOutput(batch.shard_id, [], np.empty(0, np.int64), empty, empty, empty,
+                                  np.empty((0, 1, 1, 1), np.float32), empty, empty, batch.errors, batch.last)
+            writer.submit(out)
+            bar.update(count + len(batch.errors))
+    seconds = time.perf_counter() - start
+    return Summary(images=images, rows=rows, errors=errors, shards_written=len(todo), shards_skipped=skipped,
+                   seconds=seconds, images_per_second=images / seconds if seconds else 0.0,
+                   output_dir=str(cfg.output.dir), target_layer=layer_name,
+                   pointing_hits=hits, pointing_total=pointed)

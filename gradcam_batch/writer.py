@@ -1,0 +1,213 @@
+"""Arrow/Parquet output per shard, in a background thread behind a bounded queue.
+
+Each shard's rows go to `cams/.part-<shard>.parquet.tmp` (pyarrow.dataset and globs such as
+`cams/*.parquet` skip it) and become `cams/part-<shard>.parquet` only when the shard is done:
+fsync, then an atomic rename. A complete part file is the resume marker.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import queue
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+log = logging.getLogger("gradcam_batch")
+
+CAM_SCHEMA = pa.schema([
+    ("sample_id", pa.string()),
+    ("shard", pa.string()),
+    ("label", pa.int64()),
+    ("target_class", pa.int64()),
+    ("target_rank", pa.int32()),
+    ("score", pa.float32()),
+    ("prob", pa.float32()),
+    ("cam", pa.list_(pa.float32())),
+    ("cam_height", pa.int32()),
+    ("cam_width", pa.int32()),
+    ("cam_mean", pa.float32()),
+    ("peak_y", pa.int32()),
+    ("peak_x", pa.int32()),
+])
+
+ERROR_SCHEMA = pa.schema([
+    ("sample_id", pa.string()),
+    ("shard", pa.string()),
+    ("stage", pa.string()),
+    ("error_type", pa.string()),
+    ("message", pa.string()),
+])
+
+METADATA_KEY = b"gradcam_batch"
+
+
+def part_name(shard_id: str) -> str:
+    return f"part-{shard_id}.parquet"
+
+
+def completed_shards(output_dir: str | Path) -> set[str]:
+    """Shard ids whose part file exists (complete by construction)."""
+    cams = Path(output_dir) / "cams"
+    if not cams.is_dir():
+        return set()
+    return {p.name[len("part-"):-len(".parquet")] for p in cams.glob("part-*.parquet")}
+
+
+@dataclass
+class ShardOutput:
+    """What the device loop hands the writer for one batch (host numpy arrays)."""
+    shard_id: str
+    sample_ids: list[str]
+    labels: np.ndarray  # (N,) int64, -1 unknown
+    target_classes: np.ndarray  # (N, K)
+    scores: np.ndarray  # (N, K)
+    probs: np.ndarray  # (N, K)
+    cams: np.ndarray  # (N, K, H, W) float32
+    cam_mean: np.ndarray  # (N, K)
+    peak: np.ndarray  # (N, K) flat index
+    errors: list[tuple[str, str, str, str]] = field(default_factory=list)
+    last: bool = False
+
+
+def cam_table(out: ShardOutput) -> pa.Table:
+    num_images, num_targets = out.target_classes.shape
+    height, width = out.cams.shape[2:]
+    rows = num_images * num_targets
+    labels = np.repeat(out.labels, num_targets)
+    offsets = np.arange(rows + 1, dtype=np.int32) * (height * width)
+    cams = pa.ListArray.from_arrays(pa.array(offsets), pa.array(out.cams.reshape(-1).astype(np.float32, copy=False)))
+    peak = out.peak.reshape(-1)
+    return pa.Table.from_arrays([
+        pa.array(np.repeat(np.array(out.sample_ids, dtype=object), num_targets), pa.string()),
+        pa.array([out.shard_id] * rows, pa.string()),
+        pa.array(labels, pa.int64(), mask=labels < 0),
+        pa.array(out.target_classes.reshape(-1).astype(np.int64)),
+        pa.array(np.tile(np.arange(num_targets, dtype=np.int32), num_images)),
+        pa.array(out.scores.reshape(-1).astype(np.float32)),
+        pa.array(out.probs.reshape(-1).astype(np.float32)),
+        cams,
+        pa.array(np.full(rows, height, dtype=np.int32)),
+        pa.array(np.full(rows, width, dtype=np.int32)),
+        pa.array(out.cam_mean.reshape(-1).astype(np.float32)),
+        pa.array((peak // width).astype(np.int32)),
+        pa.array((peak % width).astype(np.int32)),
+    ], schema=CAM_SCHEMA)
+
+
+def _error_table(shard_id: str, errors: list[tuple[str, str, str, str]], schema: pa.Schema) -> pa.Table:
+    columns = list(zip(*errors)) if errors else [[], [], [], []]
+    sample_ids, stages, types, messages = columns
+    return pa.Table.from_arrays([
+        pa.array(list(sample_ids), pa.string()), pa.array([shard_id] * len(errors), pa.string()),
+        pa.array(list(stages), pa.string()), pa.array(list(types), pa.string()),
+        pa.array(list(messages), pa.string()),
+    ], schema=schema)
+
+
+def _fsync_rename(tmp: Path, final: Path) -> None:
+    with open(tmp, "rb") as handle:
+        os.fsync(handle.fileno())
+    os.replace(tmp, final)
+    directory = os.open(final.parent, os.O_RDONLY)
+    try:
+        os.fsync(directory)
+    finally:
+        os.close(directory)
+
+
+class _OpenShard:
+    def __init__(self, directory: Path, shard_id: str, schema: pa.Schema, compression: str):
+        self.final = directory / part_name(shard_id)
+        self.tmp = directory / f".{part_name(shard_id)}.tmp"
+        self.writer = pq.ParquetWriter(self.tmp, schema, compression=compression)
+        self.errors: list[tuple[str, str, str, str]] = []
+        self.rows = 0
+
+
+class ParquetShardWriter:
+    """Background writer. `submit` blocks when `queue_size` batches are waiting, which bounds
+    host memory; an exception in the thread is re-raised in the caller at the next call."""
+
+    def __init__(self, output_dir: str | Path, metadata: dict, compression: str = "zstd", queue_size: int = 8):
+        self.output_dir = Path(output_dir)
+        self.cam_dir = self.output_dir / "cams"
+        self.error_dir = self.output_dir / "errors"
+        self.cam_dir.mkdir(parents=True, exist_ok=True)
+        self.error_dir.mkdir(parents=True, exist_ok=True)
+        encoded = {METADATA_KEY: json.dumps(metadata, default=str).encode()}
+        self.cam_schema = CAM_SCHEMA.with_metadata(encoded)
+        self.error_schema = ERROR_SCHEMA.with_metadata(encoded)
+        self.compression = compression
+        self.queue: queue.Queue = queue.Queue(maxsize=queue_size)
+        self.open: dict[str, _OpenShard] = {}
+        self.shard_counts: dict[str, dict[str, int]] = {}
+        self._failure: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="parquet-writer", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while True:
+            item = self.queue.get()
+            if item is None:
+                return
+            if self._failure is not None:
+                continue  # drain without writing once broken; the caller re-raises
+            try:
+                self._write(item)
+            except BaseException as error:  # noqa: BLE001 -- handed to the caller, not swallowed
+                self._failure = error
+
+    def _write(self, out: ShardOutput) -> None:
+        shard = self.open.get(out.shard_id)
+        if shard is None:
+            shard = self.open[out.shard_id] = _OpenShard(self.cam_dir, out.shard_id, self.cam_schema, self.compression)
+        if len(out.sample_ids):
+            table = cam_table(out)
+            shard.writer.write_table(table)
+            shard.rows += table.num_rows
+        shard.errors.extend(out.errors)
+        if out.last:
+            shard.writer.close()
+            # errors first: the cams part file is the shard's completion marker
+            error_final = self.error_dir / part_name(out.shard_id)
+            if shard.errors:
+                error_tmp = self.error_dir / f".{part_name(out.shard_id)}.tmp"
+                pq.write_table(_error_table(out.shard_id, shard.errors, self.error_schema), error_tmp,
+                               compression=self.compression)
+                _fsync_rename(error_tmp, error_final)
+            else:
+                error_final.unlink(missing_ok=True)  # left by an earlier, interrupted attempt
+            _fsync_rename(shard.tmp, shard.final)
+            self.shard_counts[out.shard_id] = {"rows": shard.rows, "errors": len(shard.errors)}
+            del self.open[out.shard_id]
+
+    def _raise_failure(self) -> None:
+        if self._failure is not None:
+            raise RuntimeError(f"the Parquet writer failed: {self._failure!r}") from self._failure
+
+    def submit(self, out: ShardOutput) -> None:
+        self._raise_failure()
+        self.queue.put(out)
+
+    def close(self) -> None:
+        """Finish queued work; shards still open (interrupted run) stay as .tmp and are redone."""
+        self.queue.put(None)
+        self._thread.join()
+        for shard in self.open.values():
+            shard.writer.close()
+            shard.tmp.unlink(missing_ok=True)
+        self.open.clear()
+        self._raise_failure()
+
+    def __enter__(self) -> "ParquetShardWriter":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
