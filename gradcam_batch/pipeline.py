@@ -151,6 +151,9 @@ def run(cfg: Config, resolved: dict | None = None) -> Summary:
         log.info("resuming: %d of %d shards already complete", skipped, len(shards))
     total = sum(len(s.files) for s in todo) if all(s.format == "imagefolder" for s in todo) else None
 
+    if cfg.model.source == "torchvision" and cfg.model.weights is None:
+        log.warning("model.weights=null: %s has random weights (seed %d); its maps explain nothing real",
+                    cfg.model.name, cfg.model.seed)
     preprocess = Preprocess(cfg.data.mean, cfg.data.std, device, channels_last)
     images = rows = errors = hits = pointed = 0
     from tqdm import tqdm

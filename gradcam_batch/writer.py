@@ -155,14 +155,15 @@ class ParquetShardWriter:
     def _run(self) -> None:
         while True:
             item = self.queue.get()
-            if item is None:
-                return
-            if self._failure is not None:
-                continue  # drain without writing once broken; the caller re-raises
             try:
-                self._write(item)
+                if item is None:
+                    return
+                if self._failure is None:  # once broken, drain without writing; the caller re-raises
+                    self._write(item)
             except BaseException as error:  # noqa: BLE001 -- handed to the caller, not swallowed
                 self._failure = error
+            finally:
+                self.queue.task_done()
 
     def _write(self, out: ShardOutput) -> None:
         shard = self.open.get(out.shard_id)
@@ -195,6 +196,11 @@ class ParquetShardWriter:
     def submit(self, out: ShardOutput) -> None:
         self._raise_failure()
         self.queue.put(out)
+
+    def flush(self) -> None:
+        """Wait until everything submitted so far is written."""
+        self.queue.join()
+        self._raise_failure()
 
     def close(self) -> None:
         """Finish queued work; shards still open (interrupted run) stay as .tmp and are redone."""

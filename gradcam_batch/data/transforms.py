@@ -8,12 +8,17 @@ from __future__ import annotations
 
 import io
 import math
+import warnings
 from typing import Optional
 
 import numpy as np
 import torch
 from torchvision.io import ImageReadMode, decode_image
 from torchvision.transforms.v2 import functional as TF
+
+# torchvision >= 0.29 announces that its decoders will move to torchcodec; they still work and
+# are the fastest CPU path here, so the per-call notice is kept out of the user's log.
+warnings.filterwarnings("ignore", message="The image decoding and encoding capabilities", category=DeprecationWarning)
 
 
 def decode_rgb(payload: bytes) -> torch.Tensor:

@@ -1,0 +1,30 @@
+"""The oracle for the engine: an ordinary full backward pass per image and per target, the
+formula evaluated in float64."""
+
+import copy
+
+import torch
+
+from gradcam_batch.methods import compute_cam
+
+
+def full_backward_reference(model, images, classes, method):
+    """Per image and target: plain forward, plain backward through the whole model with
+    parameter gradients, activations and gradients captured by hooks, formula in float64."""
+    model = copy.deepcopy(model).requires_grad_(True)
+    captured = {}
+    handle = model.layer4.register_forward_hook(lambda m, i, o: captured.__setitem__("a", o))
+    maps = []
+    try:
+        for b in range(images.shape[0]):
+            for k in range(classes.shape[1]):
+                model.zero_grad()
+                logits = model(images[b:b + 1])
+                activation = captured["a"]
+                activation.retain_grad()
+                logits[0, classes[b, k]].backward()
+                maps.append(compute_cam(activation.detach().double(), activation.grad.double(), method,
+                                        dtype=torch.float64)[0, 0])
+    finally:
+        handle.remove()
+    return torch.stack(maps).view(*classes.shape, *maps[0].shape)

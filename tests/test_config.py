@@ -1,0 +1,34 @@
+"""Config validation: every bad value is named with its fix."""
+
+import pytest
+
+from gradcam_batch import UserError
+from gradcam_batch.config import CamConfig, DataConfig, ModelConfig, RuntimeConfig
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda: DataConfig(batch_size=0), "data.batch_size=0"),
+    (lambda: DataConfig(format="tfrecord"), "data.format='tfrecord'"),
+    (lambda: DataConfig(resize=100, crop=224), "data.crop=224 is larger than data.resize=100"),
+    (lambda: DataConfig(format="imagefolder"), "needs data.root"),
+    (lambda: DataConfig(format="parquet"), "needs data.shards"),
+    (lambda: ModelConfig(source="torchvision"), "needs model.name"),
+    (lambda: ModelConfig(source="checkpoint"), "needs model.weights"),
+    (lambda: CamConfig(method="scorecam"), "cam.method='scorecam'"),
+    (lambda: CamConfig(targets="topk", topk=0), "cam.topk=0"),
+    (lambda: CamConfig(targets="classes"), "needs cam.classes"),
+    (lambda: CamConfig(targets="classes", classes=[-1]), "cam.classes"),
+    (lambda: RuntimeConfig(device="tpu"), "runtime.device='tpu'"),
+    (lambda: RuntimeConfig(amp="fp8"), "runtime.amp='fp8'"),
+])
+def test_bad_values_are_named(make, message):
+    with pytest.raises(UserError, match=message.replace("(", r"\(")) as error:
+        make()
+    assert "\n" not in str(error.value)
+
+
+def test_defaults_are_valid_and_num_targets():
+    DataConfig(), ModelConfig(), RuntimeConfig()
+    assert CamConfig().num_targets == 1
+    assert CamConfig(targets="topk", topk=4).num_targets == 4
+    assert CamConfig(targets="classes", classes=[1, 2]).num_targets == 2

@@ -1,0 +1,74 @@
+"""Parquet output: schema, values, metadata, atomic completion, errors, failure reporting."""
+
+import json
+
+import numpy as np
+import pyarrow.dataset as ds
+import pyarrow.parquet as pq
+import pytest
+
+from gradcam_batch.writer import METADATA_KEY, ParquetShardWriter, ShardOutput, completed_shards
+
+
+def output(shard, n=3, k=2, h=2, w=3, last=False, errors=(), seed=0):
+    rng = np.random.default_rng(seed)
+    cams = rng.random((n, k, h, w), dtype=np.float32)
+    flat = cams.reshape(n, k, -1)
+    return ShardOutput(shard, [f"{shard}/{i}" for i in range(n)], np.array([1, -1, 4][:n]),
+                       rng.integers(0, 10, (n, k)), rng.standard_normal((n, k)).astype(np.float32),
+                       rng.random((n, k), dtype=np.float32), cams, flat.mean(2), flat.argmax(2),
+                       list(errors), last)
+
+
+def test_rows_columns_and_metadata(tmp_path):
+    batch = output("s0", last=True)
+    with ParquetShardWriter(tmp_path, {"method": "gradcam"}) as writer:
+        writer.submit(batch)
+    table = pq.read_table(tmp_path / "cams" / "part-s0.parquet")
+    assert table.num_rows == 6
+    rows = table.to_pylist()
+    assert [r["sample_id"] for r in rows] == ["s0/0", "s0/0", "s0/1", "s0/1", "s0/2", "s0/2"]
+    assert [r["target_rank"] for r in rows] == [0, 1] * 3
+    assert [r["label"] for r in rows] == [1, 1, None, None, 4, 4]
+    assert rows[3]["target_class"] == batch.target_classes[1, 1]
+    np.testing.assert_array_equal(np.array(rows[3]["cam"], np.float32), batch.cams[1, 1].reshape(-1))
+    assert (rows[3]["cam_height"], rows[3]["cam_width"]) == (2, 3)
+    peak = int(batch.peak[1, 1])
+    assert (rows[3]["peak_y"], rows[3]["peak_x"]) == (peak // 3, peak % 3)
+    file = pq.ParquetFile(tmp_path / "cams" / "part-s0.parquet")
+    assert json.loads(file.schema_arrow.metadata[METADATA_KEY]) == {"method": "gradcam"}
+    assert file.metadata.row_group(0).column(0).compression == "ZSTD"
+    assert completed_shards(tmp_path) == {"s0"}
+
+
+def test_part_file_appears_only_when_complete(tmp_path):
+    writer = ParquetShardWriter(tmp_path, {})
+    writer.submit(output("s0", last=False))
+    writer.submit(output("s1", last=True, errors=[("s1/x", "decode", "ValueError", "bad")]))
+    writer.close()  # s0 never got its last batch: interrupted, so no part file and no leftovers
+    assert sorted(p.name for p in (tmp_path / "cams").iterdir()) == ["part-s1.parquet"]
+    assert ds.dataset(tmp_path / "cams").to_table().num_rows == 6
+    errors = pq.read_table(tmp_path / "errors" / "part-s1.parquet").to_pylist()
+    assert errors == [{"sample_id": "s1/x", "shard": "s1", "stage": "decode", "error_type": "ValueError",
+                       "message": "bad"}]
+    assert writer.shard_counts == {"s1": {"rows": 6, "errors": 1}}
+
+
+def test_hidden_temporary_is_invisible_to_readers(tmp_path):
+    writer = ParquetShardWriter(tmp_path, {})
+    writer.submit(output("s0", last=True))
+    writer.submit(output("s1", last=False))
+    writer.flush()
+    names = sorted(p.name for p in (tmp_path / "cams").iterdir())
+    assert names == [".part-s1.parquet.tmp", "part-s0.parquet"]
+    assert ds.dataset(tmp_path / "cams", format="parquet").to_table().num_rows == 6  # the .tmp is skipped
+    writer.close()
+
+
+def test_writer_failure_reaches_the_caller(tmp_path):
+    writer = ParquetShardWriter(tmp_path, {})
+    broken = output("s0", last=True)
+    broken.scores = np.zeros((1, 1))  # wrong length: the table cannot be built
+    writer.submit(broken)
+    with pytest.raises(RuntimeError, match="Parquet writer failed"):
+        writer.close()
