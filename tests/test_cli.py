@@ -109,3 +109,16 @@ def test_user_errors_are_one_line_exit_2_nothing_written(tmp_path, overrides, me
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and message in lines[0] and lines[0].startswith("gradcam-batch: error:"), result.stderr
     assert not out.exists()
+
+
+def test_undecodable_image_becomes_error_row_and_run_goes_on(tmp_path):
+    expected = make_imagefolder(tmp_path / "data", per_class=(2, 2))
+    (tmp_path / "data" / "c0" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    (tmp_path / "data" / "c1" / "empty.png").write_bytes(b"")
+    summary = run_composed(*TINY_RESNET, "data=imagefolder", f"data.root={tmp_path / 'data'}",
+                           f"output.dir={tmp_path / 'out'}")
+    assert (summary.images, summary.errors) == (4, 2)
+    assert sorted(read_cams(tmp_path / "out")["sample_id"].to_pylist()) == sorted(p for p, _ in expected)
+    errors = pq.read_table(tmp_path / "out" / "errors" / "part-imagefolder-00000.parquet").to_pylist()
+    assert sorted(e["sample_id"] for e in errors) == ["c0/broken.jpg", "c1/empty.png"]
+    assert all(e["stage"] == "decode" and e["message"] for e in errors)
