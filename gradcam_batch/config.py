@@ -64,6 +64,9 @@ class DataConfig:
     """DataLoader worker processes that read and decode shards (0 decodes in the main process)."""
     demo_images: int = 1200
     """demo: how many synthetic images to generate."""
+    max_pixels: int = 89_478_485
+    """Images with more pixels than this (decompression bombs) become error rows. Default:
+    Pillow's limit (about 9459 x 9459)."""
 
     def __post_init__(self) -> None:
         _choice("data.format", self.format, DATA_FORMATS)
@@ -72,6 +75,7 @@ class DataConfig:
         _at_least("data.shard_size", self.shard_size, 1)
         _at_least("data.resize", self.resize, 1)
         _at_least("data.crop", self.crop, 1)
+        _at_least("data.max_pixels", self.max_pixels, 1)
         if self.crop > self.resize:
             raise UserError(f"data.crop={self.crop} is larger than data.resize={self.resize}; "
                             "set data.crop <= data.resize")
