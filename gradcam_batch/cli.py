@@ -22,7 +22,7 @@ register_configs()
 
 
 def _hydra_main(cfg: DictConfig) -> None:
-    from gradcam_batch import pipeline
+    from gradcam_batch import dist, pipeline
 
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="gradcam-batch: %(message)s")
     logging.getLogger("gradcam_batch").setLevel(logging.INFO)
@@ -32,7 +32,8 @@ def _hydra_main(cfg: DictConfig) -> None:
     except UserError as error:
         print(f"gradcam-batch: error: {error}", file=sys.stderr)
         sys.exit(2)
-    print("\n".join(summary.lines()), flush=True)
+    if dist.is_main():
+        print("\n".join(summary.lines()), flush=True)
 
 
 def main() -> None:

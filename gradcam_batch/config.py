@@ -156,6 +156,9 @@ class OutputConfig:
     """Parquet compression codec."""
     queue_size: int = 8
     """Finished batches the writer thread may hold before the device waits."""
+    overwrite: bool = False
+    """Delete the earlier output in dir before running. Without it, a rerun resumes, and a
+    rerun with a different model, layer, method, targets or data is refused."""
 
     def __post_init__(self) -> None:
         _at_least("output.queue_size", self.queue_size, 1)

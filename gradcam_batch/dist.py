@@ -1,9 +1,17 @@
-"""Rank, world size and shard assignment. Without torchrun: one process, rank 0 of 1."""
+"""Rank, world size, shard assignment, barrier. Without torchrun: one process, rank 0 of 1.
+
+Under torchrun (RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR set) the process group starts
+from the environment: nccl on CUDA, gloo on CPU.
+"""
 
 from __future__ import annotations
 
 import os
-from typing import Sequence, TypeVar
+from datetime import timedelta
+from typing import Any, Sequence, TypeVar
+
+import torch
+import torch.distributed as torch_dist
 
 T = TypeVar("T")
 
@@ -20,6 +28,41 @@ def local_rank() -> int:
     return int(os.environ.get("LOCAL_RANK", "0"))
 
 
+def is_main() -> bool:
+    return rank() == 0
+
+
 def assign(shards: Sequence[T], rank: int, world_size: int) -> list[T]:
     """Round-robin over the sorted shard list: deterministic, disjoint, covering."""
     return list(shards[rank::world_size])
+
+
+def init(device: torch.device) -> None:
+    """Join the process group when launched by torchrun; a no-op for a single process."""
+    if world_size() <= 1 or torch_dist.is_initialized():
+        return
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    kwargs = {"device_id": device} if device.type == "cuda" else {}
+    # A long barrier timeout: ranks wait for the slowest one to finish its last shard.
+    torch_dist.init_process_group(backend=backend, timeout=timedelta(hours=6), **kwargs)
+
+
+def barrier() -> None:
+    if torch_dist.is_initialized():
+        torch_dist.barrier()
+
+
+def gather(value: Any) -> list[Any]:
+    """Every rank's `value` (picklable), in rank order, on every rank."""
+    if not torch_dist.is_initialized():
+        return [value]
+    values: list[Any] = [None] * torch_dist.get_world_size()
+    torch_dist.all_gather_object(values, value)
+    return values
+
+
+def shutdown() -> None:
+    if torch_dist.is_initialized():
+        torch_dist.destroy_process_group()

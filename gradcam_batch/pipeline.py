@@ -23,7 +23,8 @@ from gradcam_batch.data.loader import Batch, build_loader
 from gradcam_batch.data.shards import list_shards
 from gradcam_batch.engine import CamEngine, CamResult
 from gradcam_batch.models import build_model, resolve_target_layer
-from gradcam_batch.writer import ParquetShardWriter, ShardOutput, completed_shards
+from gradcam_batch.writer import (MANIFEST_NAME, ParquetShardWriter, ShardOutput, clear_output, completed_shards,
+                                  config_hash, config_identity, counts_on_disk, read_manifest, write_manifest)
 
 log = logging.getLogger("gradcam_batch")
 
@@ -124,14 +125,36 @@ class Preprocess:
         return torch.addcmul(self.shift, images.float(), self.scale)
 
 
-def run(cfg: Config, resolved: dict | None = None) -> Summary:
-    start = time.perf_counter()
-    device = resolve_device(cfg.runtime.device)
+def check_resume(output_dir: Path, resolved: dict, overwrite: bool) -> None:
+    """Refuse to mix rows of different runs in one output directory."""
+    if overwrite:
+        return
+    manifest = read_manifest(output_dir)
+    if manifest is None:
+        if any((output_dir / "cams").glob("part-*.parquet")):
+            raise UserError(f"output.dir={str(output_dir)!r} holds part files but no {MANIFEST_NAME}; "
+                            "use another output.dir or output.overwrite=true")
+        return
+    if manifest.get("config_hash") != config_hash(resolved):
+        before, now = manifest.get("identity", {}), config_identity(resolved)
+        changed = [f"{group}.{key}" for group in now for key in now[group]
+                   if before.get(group, {}).get(key) != now[group][key]]
+        raise UserError(f"output.dir={str(output_dir)!r} holds results of a different run "
+                        f"({', '.join(changed) or 'config'} changed); use another output.dir "
+                        "or output.overwrite=true to replace them")
+
+
+def _manifest(cfg: Config, resolved: dict, layer: str, shard_ids: list[str], status: str, **extra) -> dict:
+    return {"status": status, "config_hash": config_hash(resolved), "identity": config_identity(resolved),
+            "shard_ids": shard_ids, **_metadata(cfg, resolved, layer), "world_size": dist.world_size(), **extra}
+
+
+def _prepare(cfg: Config, device: torch.device):
+    """Everything that can fail on user input, before anything is written."""
     if cfg.runtime.threads:
         torch.set_num_threads(cfg.runtime.threads)
     amp_dtype = resolve_amp(cfg.runtime.amp, device)
     channels_last = cfg.runtime.channels_last and device.type == "cuda"
-
     model = build_model(cfg.model).to(device)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -140,27 +163,79 @@ def run(cfg: Config, resolved: dict | None = None) -> Summary:
     with torch.no_grad():
         num_classes = model(sample).shape[1]
     engine = CamEngine(model, layer, cfg.cam, device, amp_dtype, num_classes=num_classes)
-
     if cfg.data.format == "demo":
-        cfg.data.shards = ensure_demo_shards(cfg.data.root or Path(cfg.output.dir) / "demo-data", cfg.data.demo_images)
-    shards = dist.assign(list_shards(cfg.data), dist.rank(), dist.world_size())
-    done = completed_shards(cfg.output.dir)
-    todo = [shard for shard in shards if shard.shard_id not in done]
-    skipped = len(shards) - len(todo)
-    if skipped:
-        log.info("resuming: %d of %d shards already complete", skipped, len(shards))
-    total = sum(len(s.files) for s in todo) if all(s.format == "imagefolder" for s in todo) else None
+        root = cfg.data.root or Path(cfg.output.dir) / "demo-data"
+        if dist.is_main():
+            ensure_demo_shards(root, cfg.data.demo_images)
+        dist.barrier()
+        cfg.data.shards = ensure_demo_shards(root, cfg.data.demo_images)
+    shards = list_shards(cfg.data)
+    return channels_last, engine, layer_name, shards
 
-    if cfg.model.source == "torchvision" and cfg.model.weights is None:
-        log.warning("model.weights=null: %s has random weights (seed %d); its maps explain nothing real",
-                    cfg.model.name, cfg.model.seed)
-    preprocess = Preprocess(cfg.data.mean, cfg.data.std, device, channels_last)
-    images = rows = errors = hits = pointed = 0
+
+def run(cfg: Config, resolved: dict | None = None) -> Summary:
+    start = time.perf_counter()
+    resolved = resolved or {}
+    output_dir = Path(cfg.output.dir)
+    device = resolve_device(cfg.runtime.device)
+    dist.init(device)
+    try:
+        channels_last, engine, layer_name, shards = _prepare(cfg, device)
+        check_resume(output_dir, resolved, cfg.output.overwrite)
+        all_ids = [shard.shard_id for shard in shards]
+        dist.barrier()  # every rank has checked the old manifest before rank 0 replaces it
+        if dist.is_main():
+            if cfg.output.overwrite:
+                clear_output(output_dir)
+            write_manifest(output_dir, _manifest(cfg, resolved, layer_name, all_ids, "running"))
+        dist.barrier()
+        mine = dist.assign(shards, dist.rank(), dist.world_size())
+        done = completed_shards(output_dir)
+        todo = [shard for shard in mine if shard.shard_id not in done]
+        if len(todo) < len(mine):
+            log.info("resuming: %d of %d shards already complete", len(mine) - len(todo), len(mine))
+        if cfg.model.source == "torchvision" and cfg.model.weights is None:
+            log.warning("model.weights=null: %s has random weights (seed %d); its maps explain nothing real",
+                        cfg.model.name, cfg.model.seed)
+        local = _process(cfg, resolved, device, channels_last, engine, layer_name, todo)
+        local["shards_skipped"] = len(mine) - len(todo)
+        local["seconds"] = time.perf_counter() - start
+        ranks = dist.gather(local)
+        summary = Summary(
+            images=sum(r["images"] for r in ranks), rows=sum(r["rows"] for r in ranks),
+            errors=sum(r["errors"] for r in ranks), shards_written=sum(r["shards_written"] for r in ranks),
+            shards_skipped=sum(r["shards_skipped"] for r in ranks), seconds=max(r["seconds"] for r in ranks),
+            images_per_second=0.0, output_dir=str(output_dir), target_layer=layer_name,
+            pointing_hits=sum(r["pointing_hits"] for r in ranks),
+            pointing_total=sum(r["pointing_total"] for r in ranks))
+        summary.images_per_second = summary.images / summary.seconds if summary.seconds else 0.0
+        if dist.is_main():
+            counts = counts_on_disk(output_dir, all_ids)
+            missing = [shard_id for shard_id in all_ids if shard_id not in counts]
+            write_manifest(output_dir, _manifest(
+                cfg, resolved, layer_name, all_ids, "complete" if not missing else "incomplete",
+                shards=counts, rows=sum(c["rows"] for c in counts.values()),
+                errors=sum(c["errors"] for c in counts.values()),
+                this_run={"images": summary.images, "rows": summary.rows, "errors": summary.errors,
+                          "seconds": round(summary.seconds, 3),
+                          "images_per_second": round(summary.images_per_second, 2),
+                          "ranks": [{k: r[k] for k in ("images", "errors", "seconds")} for r in ranks]}))
+        dist.barrier()
+        return summary
+    finally:
+        dist.shutdown()
+
+
+def _process(cfg: Config, resolved: dict, device, channels_last, engine: CamEngine, layer_name: str, todo) -> dict:
+    """This rank's shards through the device and into the writer; returns its counts."""
     from tqdm import tqdm
 
-    with ParquetShardWriter(cfg.output.dir, _metadata(cfg, resolved or {}, layer_name),
+    total = sum(len(s.files) for s in todo) if all(s.format == "imagefolder" for s in todo) else None
+    preprocess = Preprocess(cfg.data.mean, cfg.data.std, device, channels_last)
+    images = rows = errors = hits = pointed = 0
+    with ParquetShardWriter(cfg.output.dir, _metadata(cfg, resolved, layer_name),
                             cfg.output.compression, cfg.output.queue_size) as writer, \
-            tqdm(total=total, unit="img", disable=not cfg.runtime.progress or dist.rank() != 0,
+            tqdm(total=total, unit="img", disable=not cfg.runtime.progress or not dist.is_main(),
                  dynamic_ncols=True, leave=False) as bar:
         batch: Batch
         for batch in build_loader(todo, cfg.data, pin_memory=device.type == "cuda"):
@@ -182,8 +257,5 @@ def run(cfg: Config, resolved: dict | None = None) -> Summary:
                                   np.empty((0, 1, 1, 1), np.float32), empty, empty, batch.errors, batch.last)
             writer.submit(out)
             bar.update(count + len(batch.errors))
-    seconds = time.perf_counter() - start
-    return Summary(images=images, rows=rows, errors=errors, shards_written=len(todo), shards_skipped=skipped,
-                   seconds=seconds, images_per_second=images / seconds if seconds else 0.0,
-                   output_dir=str(cfg.output.dir), target_layer=layer_name,
-                   pointing_hits=hits, pointing_total=pointed)
+    return {"images": images, "rows": rows, "errors": errors, "shards_written": len(todo),
+            "pointing_hits": hits, "pointing_total": pointed}

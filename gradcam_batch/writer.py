@@ -217,3 +217,66 @@ class ParquetShardWriter:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+# --- run manifest: what the output directory holds and how it was made ----------------------
+
+MANIFEST_NAME = "_manifest.json"
+# Config keys that change what the rows mean; runtime, batch size, workers and the output
+# location do not, so a resume may change them.
+_IDENTITY_KEYS = {
+    "data": ("format", "root", "shards", "shard_size", "image_column", "label_column", "id_column",
+             "resize", "crop", "mean", "std", "max_pixels", "demo_images"),
+    "model": ("source", "name", "weights", "num_classes", "target_layer", "seed"),
+    "cam": ("method", "targets", "topk", "classes", "normalize"),
+}
+
+
+def config_identity(resolved: dict) -> dict:
+    return {group: {key: resolved.get(group, {}).get(key) for key in keys} for group, keys in _IDENTITY_KEYS.items()}
+
+
+def config_hash(resolved: dict) -> str:
+    import hashlib
+
+    canonical = json.dumps(config_identity(resolved), sort_keys=True, default=str)
+    return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
+
+def read_manifest(output_dir: str | Path) -> dict | None:
+    path = Path(output_dir) / MANIFEST_NAME
+    if not path.is_file():
+        return None
+    return json.loads(path.read_text())
+
+
+def write_manifest(output_dir: str | Path, manifest: dict) -> None:
+    final = Path(output_dir) / MANIFEST_NAME
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.with_name(f".{MANIFEST_NAME}.tmp")
+    tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True, default=str) + "\n")
+    _fsync_rename(tmp, final)
+
+
+def counts_on_disk(output_dir: str | Path, shard_ids: list[str]) -> dict[str, dict[str, int]]:
+    """Rows and errors of every complete shard, read from the part files' footers."""
+    output_dir = Path(output_dir)
+    counts = {}
+    for shard_id in shard_ids:
+        part = output_dir / "cams" / part_name(shard_id)
+        if not part.is_file():
+            continue
+        errors = output_dir / "errors" / part_name(shard_id)
+        counts[shard_id] = {"rows": pq.read_metadata(part).num_rows,
+                            "errors": pq.read_metadata(errors).num_rows if errors.is_file() else 0}
+    return counts
+
+
+def clear_output(output_dir: str | Path) -> None:
+    """Remove what an earlier run wrote (output.overwrite=true); other files stay."""
+    import shutil
+
+    output_dir = Path(output_dir)
+    for folder in ("cams", "errors"):
+        shutil.rmtree(output_dir / folder, ignore_errors=True)
+    (output_dir / MANIFEST_NAME).unlink(missing_ok=True)
