@@ -16,16 +16,25 @@ import torch.distributed as torch_dist
 T = TypeVar("T")
 
 
+def _env(torchrun_name: str, slurm_name: str, default: str) -> int:
+    """torchrun's variable, else SLURM's (one task per GPU under srun or submitit)."""
+    if torchrun_name in os.environ:
+        return int(os.environ[torchrun_name])
+    if int(os.environ.get("SLURM_NTASKS", "1")) > 1 and slurm_name in os.environ:
+        return int(os.environ[slurm_name])
+    return int(default)
+
+
 def rank() -> int:
-    return int(os.environ.get("RANK", "0"))
+    return _env("RANK", "SLURM_PROCID", "0")
 
 
 def world_size() -> int:
-    return int(os.environ.get("WORLD_SIZE", "1"))
+    return _env("WORLD_SIZE", "SLURM_NTASKS", "1")
 
 
 def local_rank() -> int:
-    return int(os.environ.get("LOCAL_RANK", "0"))
+    return _env("LOCAL_RANK", "SLURM_LOCALID", "0")
 
 
 def is_main() -> bool:
@@ -45,8 +54,15 @@ def init(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.set_device(device)
     kwargs = {"device_id": device} if device.type == "cuda" else {}
+    if "MASTER_ADDR" not in os.environ:
+        from gradcam_batch import UserError
+
+        raise UserError(f"{world_size()} processes but MASTER_ADDR is not set; launch with torchrun "
+                        "or export MASTER_ADDR (and MASTER_PORT) on every task")
+    os.environ.setdefault("MASTER_PORT", "29500")
     # A long barrier timeout: ranks wait for the slowest one to finish its last shard.
-    torch_dist.init_process_group(backend=backend, timeout=timedelta(hours=6), **kwargs)
+    torch_dist.init_process_group(backend=backend, init_method="env://", rank=rank(), world_size=world_size(),
+                                  timeout=timedelta(hours=6), **kwargs)
 
 
 def barrier() -> None:

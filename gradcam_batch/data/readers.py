@@ -51,23 +51,39 @@ def _wds_sample(key: str, members: dict[str, bytes]) -> RawSample:
     return RawSample(key, label, image, meta=meta if isinstance(meta, dict) else None)
 
 
+def _check_end_of_archive(handle, offset: int) -> None:
+    """tarfile treats a header cut short as the end of the archive; a complete uncompressed tar
+    ends with two zero blocks, so anything else means the shard was truncated."""
+    handle.seek(offset)
+    tail = handle.read(1024)
+    if len(tail) < 1024 or tail.count(0) != 1024:
+        raise tarfile.ReadError(f"truncated tar: no end-of-archive marker after byte {offset}; "
+                                "samples past that point are lost")
+
+
 def _webdataset(shard: Shard) -> Iterator[RawSample]:
     """Members `<key>.<ext>` grouped by key (WebDataset: the extension starts at the first dot
     of the base name); consecutive members with one key form a sample."""
     key, members = None, {}
     try:
-        with tarfile.open(shard.path, mode="r|*") as tar:
-            for member in tar:
-                if not member.isfile():
-                    continue
-                directory, base = os.path.split(member.name)
-                stem, _, extension = base.partition(".")
-                member_key = f"{directory}/{stem}" if directory else stem
-                if member_key != key:
-                    if key is not None:
-                        yield _wds_sample(key, members)
-                    key, members = member_key, {}
-                members[extension.lower()] = tar.extractfile(member).read()
+        with open(shard.path, "rb") as handle:
+            compressed = handle.read(2) in (b"\x1f\x8b", b"BZ", b"\xfd7")  # gzip, bzip2, xz: checked by their codecs
+            handle.seek(0)
+            with tarfile.open(fileobj=handle, mode="r|*") as tar:
+                for member in tar:
+                    if not member.isfile():
+                        continue
+                    directory, base = os.path.split(member.name)
+                    stem, _, extension = base.partition(".")
+                    member_key = f"{directory}/{stem}" if directory else stem
+                    if member_key != key:
+                        if key is not None:
+                            yield _wds_sample(key, members)
+                        key, members = member_key, {}
+                    members[extension.lower()] = tar.extractfile(member).read()
+                end = tar.offset
+            if not compressed:
+                _check_end_of_archive(handle, end)
     except (tarfile.TarError, OSError, EOFError) as error:
         if key is not None:
             yield _wds_sample(key, members)

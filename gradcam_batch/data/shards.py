@@ -75,13 +75,19 @@ def _imagefolder_shards(cfg: DataConfig) -> list[Shard]:
     ]
 
 
-def _check_parquet_columns(path: str, cfg: DataConfig) -> None:
+def _check_parquet_columns(paths: list[str], cfg: DataConfig) -> None:
+    """Column names checked on the first readable shard; unreadable shards become error rows
+    when they are read, so one bad file does not stop the job."""
     import pyarrow.parquet as pq
 
-    try:
-        names = pq.read_schema(path).names
-    except Exception as error:
-        raise UserError(f"data.shards: {path!r} is not a readable Parquet file ({type(error).__name__})") from error
+    for path in paths:
+        try:
+            names = pq.read_schema(path).names
+            break
+        except (OSError, ValueError):
+            continue
+    else:
+        raise UserError(f"data.shards={cfg.shards!r}: none of the {len(paths)} files is a readable Parquet file")
     if cfg.image_column not in names:
         raise UserError(f"data.image_column={cfg.image_column!r} is not a column of {path} "
                         f"(columns: {', '.join(names)})")
@@ -96,6 +102,6 @@ def list_shards(cfg: DataConfig) -> list[Shard]:
     extension = "tar" if cfg.format in ("webdataset", "demo") else "parquet"
     paths = _expand_globs(cfg.shards, extension)
     if cfg.format == "parquet":
-        _check_parquet_columns(paths[0], cfg)
+        _check_parquet_columns(paths, cfg)
     fmt = "webdataset" if cfg.format == "demo" else cfg.format
     return [Shard(shard_id=shard_id, format=fmt, path=path) for shard_id, path in zip(_unique_ids(paths), paths)]
