@@ -58,6 +58,11 @@ class CamResult:
     cam_mean: torch.Tensor  # float32 (B, K)
     peak: torch.Tensor  # int64 (B, K), flat index of the maximum of each map
 
+    @staticmethod
+    def cat(parts: list["CamResult"]) -> "CamResult":
+        return CamResult(**{name: torch.cat([getattr(p, name) for p in parts])
+                            for name in CamResult.__dataclass_fields__})
+
     def to_host(self) -> "CamResult":
         """The one host copy of a batch: non-blocking copies, one synchronisation."""
         fields = {name: getattr(self, name) for name in self.__dataclass_fields__}
@@ -91,6 +96,7 @@ class CamEngine:
         self.amp_dtype = amp_dtype
         self.backend = self._pick_backend(cfg.backend, device)
         self._batched_backward_ok = True
+        self._oom_logged = False
         if num_classes is not None:
             self.check_targets(num_classes)
 
@@ -180,3 +186,22 @@ class CamEngine:
             flat = cams.flatten(2)
             return CamResult(target_classes=targets, scores=scores, probs=probs, cams=cams,
                              cam_mean=flat.mean(dim=2), peak=flat.argmax(dim=2))
+
+    def explain(self, images: torch.Tensor, labels: torch.Tensor) -> CamResult:
+        """`self(images, labels)`, halving the batch and retrying on CUDA out-of-memory, so a
+        long job survives an odd large batch; the next batch tries the full size again."""
+        try:
+            return self(images, labels)
+        except torch.cuda.OutOfMemoryError:
+            if images.shape[0] <= 1:
+                raise
+        # outside the except block, so the failed attempt's tensors are freed before retrying
+        if not self._oom_logged:
+            self._oom_logged = True
+            log.warning("CUDA out of memory at batch %d: splitting such batches in halves "
+                        "(consider a smaller data.batch_size)", images.shape[0])
+        if images.device.type == "cuda":
+            torch.cuda.empty_cache()
+        half = images.shape[0] // 2
+        return CamResult.cat([self.explain(images[:half], labels[:half]),
+                              self.explain(images[half:], labels[half:])])

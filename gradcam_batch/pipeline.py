@@ -242,7 +242,7 @@ def _process(cfg: Config, resolved: dict, device, channels_last, engine: CamEngi
             count = len(batch.sample_ids)
             errors += len(batch.errors)
             if count:
-                result = engine(preprocess(batch.images), batch.labels.to(device, non_blocking=True)).to_host()
+                result = engine.explain(preprocess(batch.images), batch.labels.to(device, non_blocking=True)).to_host()
                 h, p = pointing_hits(result, batch.boxes.numpy())
                 hits, pointed = hits + h, pointed + p
                 rows += result.target_classes.numel()

@@ -107,3 +107,26 @@ def test_unnormalized_keeps_raw_relu_values(resnet18, images):
     raw = full_backward_reference(resnet18, images, result.target_classes, "layercam")  # normalized
     assert (result.cams >= 0).all() and result.cams.amax() > 1.0 + 1e-3  # not squashed to [0, 1]
     torch.testing.assert_close(normalize_maps(result.cams.double()), raw, atol=1e-5, rtol=0)
+
+
+def test_out_of_memory_halves_the_batch_and_logs_once(resnet18, images, caplog):
+    class TightMemory(CamEngine):
+        calls = []
+
+        def __call__(self, images, labels):
+            self.calls.append(images.shape[0])
+            if images.shape[0] > 1:
+                raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+            return super().__call__(images, labels)
+
+    cfg = CamConfig(method="gradcam", targets="topk", topk=2)
+    tight = TightMemory(resnet18, resnet18.layer4, cfg, torch.device("cpu"), num_classes=1000)
+    with caplog.at_level("WARNING", logger="gradcam_batch"):
+        result = tight.explain(images, torch.full((4,), -1))
+        tight.explain(images[:2], torch.full((2,), -1))
+    assert [r.message for r in caplog.records].count(caplog.records[0].message) == 1
+    assert "out of memory at batch 4" in caplog.records[0].message
+    assert tight.calls[:7] == [4, 2, 1, 1, 2, 1, 1]
+    whole = engine_for(resnet18, targets="topk", topk=2)(images, torch.full((4,), -1))
+    torch.testing.assert_close(result.cams, whole.cams, atol=1e-5, rtol=0)
+    torch.testing.assert_close(result.target_classes, whole.target_classes)
