@@ -130,3 +130,15 @@ def test_out_of_memory_halves_the_batch_and_logs_once(resnet18, images, caplog):
     whole = engine_for(resnet18, targets="topk", topk=2)(images, torch.full((4,), -1))
     torch.testing.assert_close(result.cams, whole.cams, atol=1e-5, rtol=0)
     torch.testing.assert_close(result.target_classes, whole.target_classes)
+
+
+@pytest.mark.parametrize("method", ["gradcam", "gradcampp", "elementwise"])
+def test_triton_backend_matches_torch_backend(resnet18, images, method):
+    """The engine with the fused kernel (Triton's interpreter on CPU) against the PyTorch path."""
+    pytest.importorskip("triton")
+    cfg = dict(method=method, targets="topk", topk=3)
+    kernel = CamEngine(resnet18, resnet18.layer4, CamConfig(backend="triton", **cfg), torch.device("cpu"))
+    assert kernel.backend == "triton"
+    got = kernel(images[:2], torch.full((2,), -1))
+    want = engine_for(resnet18, **cfg)(images[:2], torch.full((2,), -1))
+    torch.testing.assert_close(got.cams, want.cams, atol=1e-4, rtol=0)
