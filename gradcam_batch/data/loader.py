@@ -55,7 +55,7 @@ class ShardBatches(IterableDataset):
                 errors.append((sample.sample_id, *sample.error))
                 continue
             try:
-                image, box = resize_crop(decode_rgb(sample.payload), cfg.resize, cfg.crop,
+                image, box = resize_crop(decode_rgb(sample.payload, cfg.max_pixels), cfg.resize, cfg.crop,
                                          box_from_meta(sample.meta))
             except Exception as error:  # any decoder failure is this image's error, not the run's
                 errors.append((sample.sample_id, "decode", type(error).__name__, str(error)[:500]))
