@@ -16,6 +16,7 @@ from gradcam_batch import UserError
 from gradcam_batch.methods import METHODS
 
 DATA_FORMATS = ("demo", "imagefolder", "webdataset", "parquet")
+DECODE_MODES = ("auto", "workers", "device")
 MODEL_SOURCES = ("demo", "torchvision", "checkpoint")
 TARGET_MODES = ("pred", "topk", "label", "classes")
 BACKENDS = ("auto", "torch", "triton")
@@ -64,12 +65,17 @@ class DataConfig:
     """DataLoader worker processes that read and decode shards (0 decodes in the main process)."""
     demo_images: int = 1200
     """demo: how many synthetic images to generate."""
+    decode: str = "auto"
+    """Where JPEGs are decoded: workers (CPU processes), device (batched on the model's device,
+    nvJPEG on CUDA; other formats still decode in the workers), or auto (device on CUDA,
+    workers elsewhere)."""
     max_pixels: int = 89_478_485
     """Images with more pixels than this (decompression bombs) become error rows. Default:
     Pillow's limit (about 9459 x 9459)."""
 
     def __post_init__(self) -> None:
         _choice("data.format", self.format, DATA_FORMATS)
+        _choice("data.decode", self.decode, DECODE_MODES)
         _at_least("data.batch_size", self.batch_size, 1)
         _at_least("data.num_workers", self.num_workers, 0)
         _at_least("data.shard_size", self.shard_size, 1)

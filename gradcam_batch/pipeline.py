@@ -19,6 +19,7 @@ import gradcam_batch
 from gradcam_batch import UserError, dist
 from gradcam_batch.config import Config
 from gradcam_batch.data.demo import ensure_demo_shards
+from gradcam_batch.data.device_decode import DeviceDecoder
 from gradcam_batch.data.loader import Batch, build_loader
 from gradcam_batch.data.shards import list_shards
 from gradcam_batch.engine import CamEngine, CamResult
@@ -123,6 +124,24 @@ class Preprocess:
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         images = images.to(self.device, non_blocking=True).to(memory_format=self.memory_format)
         return torch.addcmul(self.shift, images.float(), self.scale)
+
+
+def device_images(batch: Batch, decoder: DeviceDecoder | None, device: torch.device) -> torch.Tensor:
+    """uint8 images of the batch on the device: the workers' ones, then the device-decoded
+    payloads. Payloads that fail to decode leave the batch and join its error rows."""
+    images = batch.images.to(device, non_blocking=True)
+    if not batch.payloads:
+        return images
+    decoded, failed = decoder(batch.payloads)
+    if failed:
+        offset = len(batch.images)
+        drop = {offset + index for index in failed}
+        keep = [i for i in range(len(batch.sample_ids)) if i not in drop]
+        batch.errors.extend((batch.sample_ids[offset + index], "decode", type(error).__name__, str(error)[:500])
+                            for index, error in failed.items())
+        batch.sample_ids = [batch.sample_ids[i] for i in keep]
+        batch.labels, batch.boxes = batch.labels[keep], batch.boxes[keep]
+    return torch.cat([images, decoded])
 
 
 def check_resume(output_dir: Path, resolved: dict, overwrite: bool) -> None:
@@ -232,17 +251,20 @@ def _process(cfg: Config, resolved: dict, device, channels_last, engine: CamEngi
 
     total = sum(len(s.files) for s in todo) if all(s.format == "imagefolder" for s in todo) else None
     preprocess = Preprocess(cfg.data.mean, cfg.data.std, device, channels_last)
+    device_decode = cfg.data.decode == "device" or (cfg.data.decode == "auto" and device.type == "cuda")
+    decoder = DeviceDecoder(cfg.data.resize, cfg.data.crop, device) if device_decode else None
     images = rows = errors = hits = pointed = 0
     with ParquetShardWriter(cfg.output.dir, _metadata(cfg, resolved, layer_name),
                             cfg.output.compression, cfg.output.queue_size) as writer, \
             tqdm(total=total, unit="img", disable=not cfg.runtime.progress or not dist.is_main(),
                  dynamic_ncols=True, leave=False) as bar:
         batch: Batch
-        for batch in build_loader(todo, cfg.data, pin_memory=device.type == "cuda"):
+        for batch in build_loader(todo, cfg.data, pin_memory=device.type == "cuda", device_decode=device_decode):
+            uint8_images = device_images(batch, decoder, device)
             count = len(batch.sample_ids)
             errors += len(batch.errors)
             if count:
-                result = engine.explain(preprocess(batch.images), batch.labels.to(device, non_blocking=True)).to_host()
+                result = engine.explain(preprocess(uint8_images), batch.labels.to(device, non_blocking=True)).to_host()
                 h, p = pointing_hits(result, batch.boxes.numpy())
                 hits, pointed = hits + h, pointed + p
                 rows += result.target_classes.numel()

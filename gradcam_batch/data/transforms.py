@@ -61,6 +61,18 @@ def decode_rgb(payload: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> torch.Te
     rejects) is decoded by Pillow. Both raise on truncated data: a truncated file is an error
     row, never a half-grey image. Pillow's hard limit (twice PIL.Image.MAX_IMAGE_PIXELS) applies
     even when max_pixels is larger."""
+    with open_header(payload, max_pixels) as header:
+        if (header.format in _FAST_FORMATS and header.mode in _FAST_MODES
+                and "transparency" not in header.info):
+            image = _decode_torchvision(payload, header.format)
+            if image is not None:
+                return image
+        return _decode_pillow(header)
+
+
+def open_header(payload: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """Pillow's lazily opened image (header only, no pixels), after the empty-file, format and
+    decompression-bomb checks; raises CorruptImage / ImageTooLarge."""
     if not payload:
         raise CorruptImage("empty file (0 bytes)")
     try:
@@ -72,18 +84,31 @@ def decode_rgb(payload: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> torch.Te
                            f"(they start {payload[:8]!r})") from error
     except _DECODE_ERRORS as error:
         raise CorruptImage(f"unreadable image header: {error}") from error
-    with header:
-        width, height = header.size
-        if width * height > max_pixels:
-            raise ImageTooLarge(f"image is {width}x{height} = {width * height:,} pixels, more than "
-                                f"data.max_pixels={max_pixels:,} (decompression-bomb guard; raise "
-                                "data.max_pixels to accept it)")
-        if (header.format in _FAST_FORMATS and header.mode in _FAST_MODES
-                and "transparency" not in header.info):
-            image = _decode_torchvision(payload, header.format)
-            if image is not None:
-                return image
-        return _decode_pillow(header)
+    width, height = header.size
+    if width * height > max_pixels:
+        header.close()
+        raise ImageTooLarge(f"image is {width}x{height} = {width * height:,} pixels, more than "
+                            f"data.max_pixels={max_pixels:,} (decompression-bomb guard; raise "
+                            "data.max_pixels to accept it)")
+    return header
+
+
+_EXIF_ORIENTATION = 0x0112
+
+
+def device_jpeg_size(payload: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Optional[tuple[int, int]]:
+    """(height, width) when a batched device JPEG decoder gives this payload the same meaning as
+    decode_rgb: an RGB or grayscale JPEG, upright (no EXIF rotation), ending with its EOI
+    marker (a truncated file goes to the CPU path, which raises). None: decode on the CPU.
+    Raises what open_header raises."""
+    with open_header(payload, max_pixels) as header:
+        if header.format != "JPEG" or header.mode not in ("RGB", "L"):
+            return None
+        if header.getexif().get(_EXIF_ORIENTATION, 1) != 1:
+            return None
+        if not payload.rstrip(b"\x00").endswith(b"\xff\xd9"):
+            return None
+        return header.height, header.width
 
 
 def _decode_torchvision(payload: bytes, image_format: str) -> Optional[torch.Tensor]:
@@ -141,15 +166,19 @@ def _too_large_from_pillow(error: Exception, max_pixels: int) -> ImageTooLarge:
                          "raise PIL.Image.MAX_IMAGE_PIXELS as well")
 
 
-def resize_crop(image: torch.Tensor, resize: int, crop: int, box: Optional[list] = None):
-    """Shorter side to `resize`, center crop `crop`; the box (pixels) follows the image and is
-    returned normalized to [0, 1] of the crop, or None."""
-    height, width = image.shape[-2:]
-    image = TF.resize(image, [resize], antialias=True)
-    new_height, new_width = image.shape[-2:]
-    image = TF.center_crop(image, [crop, crop])
+def resized_size(height: int, width: int, resize: int) -> tuple[int, int]:
+    """The size torchvision's resize(image, [resize]) gives: shorter side `resize`, the longer
+    one scaled and truncated."""
+    if height <= width:
+        return resize, int(resize * width / height)
+    return int(resize * height / width), resize
+
+
+def map_box(box: Optional[list], height: int, width: int, resize: int, crop: int) -> Optional[list]:
+    """A box in original pixels, after resize_crop: normalized to [0, 1] of the crop."""
     if box is None:
-        return image, None
+        return None
+    new_height, new_width = resized_size(height, width, resize)
     scale_x, scale_y = new_width / width, new_height / height
     # center_crop's offsets, as torchvision computes them
     top = int(round((new_height - crop) / 2.0))
@@ -157,7 +186,16 @@ def resize_crop(image: torch.Tensor, resize: int, crop: int, box: Optional[list]
     x0, y0, x1, y1 = (float(v) for v in box)
     mapped = [(x0 * scale_x - left) / crop, (y0 * scale_y - top) / crop,
               (x1 * scale_x - left) / crop, (y1 * scale_y - top) / crop]
-    return image, [min(max(v, 0.0), 1.0) for v in mapped]
+    return [min(max(v, 0.0), 1.0) for v in mapped]
+
+
+def resize_crop(image: torch.Tensor, resize: int, crop: int, box: Optional[list] = None):
+    """Shorter side to `resize`, center crop `crop` (one image (3, H, W) or a batch of equal
+    size); the box (pixels) follows the image and is returned normalized to [0, 1] of the crop,
+    or None."""
+    height, width = image.shape[-2:]
+    image = TF.center_crop(TF.resize(image, [resize], antialias=True), [crop, crop])
+    return image, map_box(box, height, width, resize, crop)
 
 
 def box_from_meta(meta: Optional[dict]) -> Optional[list]:

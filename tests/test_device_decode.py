@@ -1,0 +1,105 @@
+"""data.decode=device: workers ship plain JPEG bytes, the device decodes them in a batch and
+resizes in groups; on CPU the same code runs with torchvision's CPU decoder, so the results
+must equal the worker path's exactly."""
+
+import io
+import json
+import tarfile
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torchvision.transforms.v2 import functional as TF
+
+from cli_helpers import TINY_RESNET, read_cams, run_composed
+from gradcam_batch.config import DataConfig
+from gradcam_batch.data.device_decode import DeviceDecoder
+from gradcam_batch.data.loader import ShardBatches
+from gradcam_batch.data.shards import list_shards
+from gradcam_batch.data.transforms import decode_rgb, device_jpeg_size, resize_crop, resized_size
+from sample_data import add_member
+
+
+def jpeg(height, width, seed=0, mode="RGB", exif_orientation=None) -> bytes:
+    rng = np.random.default_rng(seed)
+    image = Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8)).convert(mode)
+    buffer = io.BytesIO()
+    if exif_orientation:
+        exif = image.getexif()
+        exif[0x0112] = exif_orientation
+        image.save(buffer, format="JPEG", exif=exif)
+    else:
+        image.save(buffer, format="JPEG")
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("height, width", [(375, 500), (500, 375), (64, 64), (31, 97), (97, 31), (10, 1000)])
+def test_resized_size_is_torchvisions(height, width):
+    assert resized_size(height, width, 72) == tuple(TF.resize(torch.zeros(1, height, width), [72]).shape[-2:])
+
+
+def test_which_payloads_go_to_the_device():
+    assert device_jpeg_size(jpeg(30, 40)) == (30, 40)
+    assert device_jpeg_size(jpeg(30, 40, mode="L")) == (30, 40)
+    assert device_jpeg_size(jpeg(30, 40, mode="CMYK")) is None  # CPU path converts CMYK
+    assert device_jpeg_size(jpeg(30, 40, exif_orientation=6)) is None  # CPU path rotates
+    whole = jpeg(30, 40)
+    assert device_jpeg_size(whole[: len(whole) // 2]) is None  # truncated: the CPU path raises
+    png = io.BytesIO()
+    Image.new("RGB", (4, 4)).save(png, format="PNG")
+    assert device_jpeg_size(png.getvalue()) is None
+
+
+def test_device_decoder_equals_the_worker_path():
+    payloads = [jpeg(60, 80, seed=1), jpeg(80, 60, seed=2), jpeg(60, 80, seed=3), jpeg(50, 50, seed=4, mode="L")]
+    broken = jpeg(60, 80, seed=5)
+    broken = broken[:200] + bytes(len(broken) - 202) + b"\xff\xd9"  # valid header, zeroed scan data
+    decoder = DeviceDecoder(resize=40, crop=32, device=torch.device("cpu"))
+    images, failed = decoder(payloads + [broken])
+    want = torch.stack([resize_crop(decode_rgb(p), 40, 32)[0] for p in payloads])
+    assert images.dtype == torch.uint8 and images.shape == (len(images), 3, 32, 32)
+    assert len(images) + len(failed) == 5  # nothing lost
+    if failed:  # libjpeg may or may not reject zeroed scan data
+        assert list(failed) == [4]
+    torch.testing.assert_close(images[:4], want, atol=0, rtol=0)
+
+
+def test_shard_batches_split_payloads_and_decoded_images(tmp_path):
+    png = io.BytesIO()
+    Image.new("RGB", (30, 30), (255, 0, 0)).save(png, format="PNG")
+    with tarfile.open(tmp_path / "s.tar", "w") as tar:
+        add_member(tar, "a.jpg", jpeg(40, 50))
+        add_member(tar, "b.png", png.getvalue())
+        add_member(tar, "c.jpg", jpeg(40, 50, mode="CMYK"))
+        add_member(tar, "d.jpg", jpeg(40, 50)[:300])
+        add_member(tar, "e.jpg", jpeg(50, 40, seed=7))
+    cfg = DataConfig(format="webdataset", shards=str(tmp_path / "s.tar"), resize=32, crop=32)
+    (batch,) = list(ShardBatches(list_shards(cfg), cfg, device_decode=True))
+    assert batch.sample_ids == ["b", "c", "a", "e"]  # worker-decoded first, then device payloads
+    assert len(batch.images) == 2 and len(batch.payloads) == 2
+    assert [e[0] for e in batch.errors] == ["d"]
+
+
+def test_pipeline_device_decode_matches_worker_decode(tmp_path):
+    rng = np.random.default_rng(0)
+    with tarfile.open(tmp_path / "s.tar", "w") as tar:
+        for index in range(7):
+            height, width = [(60, 80), (80, 60), (60, 80)][index % 3]
+            add_member(tar, f"k{index}.jpg", jpeg(height, width, seed=index, mode="L" if index == 4 else "RGB"))
+            add_member(tar, f"k{index}.json", json.dumps({"box": [10, 10, 30, 40]}).encode())
+        png = io.BytesIO()
+        Image.fromarray(rng.integers(0, 256, (70, 70, 3), dtype=np.uint8)).save(png, format="PNG")
+        add_member(tar, "k7.png", png.getvalue())
+    tables = {}
+    for mode in ("workers", "device"):
+        summary = run_composed(*TINY_RESNET, "data=webdataset", f"data.shards={tmp_path}/s.tar", "data.batch_size=3",
+                               f"data.decode={mode}", "cam.targets=topk", "cam.topk=2", f"output.dir={tmp_path / mode}")
+        assert (summary.images, summary.errors) == (8, 0)
+        rows = read_cams(tmp_path / mode).to_pylist()
+        tables[mode] = {(r["sample_id"], r["target_rank"]): r for r in rows}
+    assert tables["workers"].keys() == tables["device"].keys()
+    for key, row in tables["workers"].items():
+        other = tables["device"][key]
+        assert (row["target_class"], row["label"]) == (other["target_class"], other["label"])
+        np.testing.assert_allclose(row["cam"], other["cam"], atol=1e-5)
