@@ -177,7 +177,7 @@ class RuntimeConfig:
     amp: str = "auto"
     """Autocast: auto (bf16 on CUDA, off on CPU), bf16, fp16, off."""
     channels_last: bool = True
-    """Use the NHWC memory layout on CUDA."""
+    """Run the model in the NHWC memory layout (faster convolutions on CUDA and on CPU)."""
     progress: bool = True
     """Show a progress bar."""
     threads: int = 0
