@@ -258,6 +258,18 @@ def _timed(step, device, min_seconds: float, warmup: int = 2, min_iters: int = 3
     return (time.perf_counter() - start) / iterations, iterations
 
 
+def _timed_from_clean_peak(step, device, min_seconds: float) -> tuple[float, int]:
+    """_timed, after one warm-up step on CUDA and a reset of the peak-memory counter, so the
+    peak read afterwards is this step's own."""
+    import torch
+
+    if device.type == "cuda":
+        step()
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats(device)
+    return _timed(step, device, min_seconds)
+
+
 def _random_input(args, device, batch: int):
     import torch
 
@@ -283,11 +295,7 @@ def bench_forward(args, device, model_name: str) -> Row:
         with torch.no_grad(), autocast:
             model(images)
 
-    if cuda:
-        step()
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats(device)
-    seconds, iterations = _timed(step, device, args.min_seconds)
+    seconds, iterations = _timed_from_clean_peak(step, device, args.min_seconds)
     row.in_loop = args.batch_size / seconds
     row.notes.append(f"{iterations} batches of random tensors")
     if cuda:
@@ -332,11 +340,7 @@ def bench_engine(args, device, num_targets: int, channels_last: bool | None = No
         result = engine.explain(images, labels)
         shapes["cams"] = tuple(result.cams.shape)
 
-    if cuda:
-        step()
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats(device)
-    seconds, iterations = _timed(step, device, args.min_seconds)
+    seconds, iterations = _timed_from_clean_peak(step, device, args.min_seconds)
     row.in_loop = args.batch_size / seconds
     height, width = shapes["cams"][2:]
     row.notes.append(f"{iterations} batches, backend {engine.backend}, maps {height}x{width}")
@@ -592,7 +596,7 @@ def _device_name(device) -> str:
     try:
         with open("/proc/cpuinfo") as handle:
             name = next((line.split(":", 1)[1].strip() for line in handle if line.startswith("model name")), name)
-    except OSError:
+    except OSError:  # no /proc: keep platform.processor()'s name
         pass
     usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     return f"CPU {name or platform.machine()}, {usable} usable cores (nproc), torch threads {torch.get_num_threads()}"
