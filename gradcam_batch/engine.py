@@ -73,15 +73,18 @@ class CamResult:
         return CamResult(**host)
 
 
-def select_targets(logits: torch.Tensor, labels: torch.Tensor, cfg: CamConfig) -> torch.Tensor:
+def select_targets(logits: torch.Tensor, labels: torch.Tensor, cfg: CamConfig,
+                   classes: torch.Tensor | None = None) -> torch.Tensor:
     """(B, K) class indices per image. `label` falls back to the prediction where the label is
-    unknown (-1) or outside the model's classes."""
+    unknown (-1) or outside the model's classes. `classes`: cfg.classes already on the device."""
     if cfg.targets == "pred":
         return logits.argmax(dim=1, keepdim=True)
     if cfg.targets == "topk":
         return logits.topk(cfg.topk, dim=1).indices
     if cfg.targets == "classes":
-        return torch.tensor(cfg.classes, device=logits.device).expand(logits.shape[0], -1)
+        if classes is None:
+            classes = torch.tensor(cfg.classes, device=logits.device)
+        return classes.expand(logits.shape[0], -1)
     valid = (labels >= 0) & (labels < logits.shape[1])
     return torch.where(valid, labels, logits.argmax(dim=1)).unsqueeze(1)
 
@@ -97,6 +100,8 @@ class CamEngine:
         self.backend = self._pick_backend(cfg.backend, device)
         self._batched_backward_ok = True
         self._oom_logged = False
+        # made once: a per-batch torch.tensor would be a host-to-device copy in the hot loop
+        self._classes = torch.tensor(cfg.classes, device=device) if cfg.targets == "classes" else None
         if num_classes is not None:
             self.check_targets(num_classes)
 
@@ -110,11 +115,11 @@ class CamEngine:
             if requested == "triton":
                 raise UserError(f"cam.backend=triton needs Triton ({error}); use cam.backend=torch") from error
             return "torch"
-        if device.type != "cuda":
-            import os
-            if os.environ.get("TRITON_INTERPRET") != "1":
-                raise UserError("cam.backend=triton needs a CUDA device (or TRITON_INTERPRET=1); "
-                                "use cam.backend=auto")
+        from kernels.cam import INTERPRETED  # the kernels' own reading of TRITON_INTERPRET
+
+        if device.type != "cuda" and not INTERPRETED:
+            raise UserError("cam.backend=triton needs a CUDA device (or TRITON_INTERPRET=1); "
+                            "use cam.backend=auto")
         return "triton"
 
     def check_targets(self, num_classes: int) -> None:
@@ -177,7 +182,7 @@ class CamEngine:
                             "pick a convolutional layer")
         logits = logits.float()  # scores and probabilities in fp32 whatever the autocast dtype
         with torch.no_grad():
-            targets = select_targets(logits, labels, self.cfg)
+            targets = select_targets(logits, labels, self.cfg, self._classes)
         gradients = self._gradients(logits, activation, targets)
         with torch.no_grad():
             cams = self._cams(activation.detach(), gradients)
