@@ -1,4 +1,4 @@
-"""Rank, world size, shard assignment, barrier. Without torchrun: one process, rank 0 of 1.
+"""Rank, world size, work-unit assignment, barrier. Without torchrun: one process, rank 0 of 1.
 
 Under torchrun (RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR set) the process group starts
 from the environment: nccl on CUDA, gloo on CPU.
@@ -41,9 +41,10 @@ def is_main() -> bool:
     return rank() == 0
 
 
-def assign(shards: Sequence[T], rank: int, world_size: int) -> list[T]:
-    """Round-robin over the sorted shard list: deterministic, disjoint, covering."""
-    return list(shards[rank::world_size])
+def assign(units: Sequence[T], rank: int, world_size: int) -> list[T]:
+    """Round-robin over the work units in listing order: deterministic, disjoint, covering, and
+    the slices of one large shard spread over the ranks."""
+    return list(units[rank::world_size])
 
 
 def init(device: torch.device) -> None:
@@ -60,7 +61,7 @@ def init(device: torch.device) -> None:
         raise UserError(f"{world_size()} processes but MASTER_ADDR is not set; launch with torchrun "
                         "or export MASTER_ADDR (and MASTER_PORT) on every task")
     os.environ.setdefault("MASTER_PORT", "29500")
-    # A long barrier timeout: ranks wait for the slowest one to finish its last shard.
+    # A long barrier timeout: ranks wait for the slowest one to finish its last unit.
     torch_dist.init_process_group(backend=backend, init_method="env://", rank=rank(), world_size=world_size(),
                                   timeout=timedelta(hours=6), **kwargs)
 

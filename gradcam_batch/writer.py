@@ -1,8 +1,17 @@
-"""Arrow/Parquet output per shard, in a background thread behind a bounded queue.
+"""Arrow/Parquet output per work unit, in a background thread behind a bounded queue.
 
-Each shard's rows go to `cams/.part-<shard>.parquet.tmp` (pyarrow.dataset and globs such as
-`cams/*.parquet` skip it) and become `cams/part-<shard>.parquet` only when the shard is done:
-fsync, then an atomic rename. A complete part file is the resume marker.
+Each unit's rows go to `cams/.part-<unit>.parquet.tmp` (pyarrow.dataset and globs such as
+`cams/*.parquet` skip it) and become `cams/part-<unit>.parquet` only when the unit is done:
+fsync, then an atomic rename. A complete part file is the resume marker. A unit is a whole
+shard (`part-<shard>.parquet`) or a slice of one (`part-<shard>@<start>-<end>.parquet`, holding
+samples start..end-1 of the shard).
+
+Why one part file per unit rather than per shard: the slices of one shard are read by different
+workers at the same time and finish in any order. One file per shard would need its rows
+buffered or stitched from per-slice pieces, and a resume would need to know which slices a
+half-written file already holds. With one file per unit, "the file exists" still means "every
+sample of this unit has its row or its error row", the rename stays the only commit, and a
+resume redoes exactly the units without a file. The `shard` column keeps naming the shard.
 """
 
 from __future__ import annotations
@@ -48,12 +57,12 @@ ERROR_SCHEMA = pa.schema([
 METADATA_KEY = b"gradcam_batch"
 
 
-def part_name(shard_id: str) -> str:
-    return f"part-{shard_id}.parquet"
+def part_name(unit_id: str) -> str:
+    return f"part-{unit_id}.parquet"
 
 
-def completed_shards(output_dir: str | Path) -> set[str]:
-    """Shard ids whose part file exists (complete by construction)."""
+def completed_units(output_dir: str | Path) -> set[str]:
+    """Unit ids whose part file exists (complete by construction)."""
     cams = Path(output_dir) / "cams"
     if not cams.is_dir():
         return set()
@@ -63,7 +72,7 @@ def completed_shards(output_dir: str | Path) -> set[str]:
 @dataclass
 class ShardOutput:
     """What the device loop hands the writer for one batch (host numpy arrays)."""
-    shard_id: str
+    shard_id: str  # the `shard` column
     sample_ids: list[str]
     labels: np.ndarray  # (N,) int64, -1 unknown
     target_classes: np.ndarray  # (N, K)
@@ -73,7 +82,12 @@ class ShardOutput:
     cam_mean: np.ndarray  # (N, K)
     peak: np.ndarray  # (N, K) flat index
     errors: list[tuple[str, str, str, str]] = field(default_factory=list)
-    last: bool = False
+    last: bool = False  # the unit's final batch: its part file is complete after it
+    unit_id: str = ""  # the part file's unit; "" means the whole shard
+
+    @property
+    def unit(self) -> str:
+        return self.unit_id or self.shard_id
 
 
 def cam_table(out: ShardOutput) -> pa.Table:
@@ -122,10 +136,10 @@ def _fsync_rename(tmp: Path, final: Path) -> None:
         os.close(directory)
 
 
-class _OpenShard:
-    def __init__(self, directory: Path, shard_id: str, schema: pa.Schema, compression: str):
-        self.final = directory / part_name(shard_id)
-        self.tmp = directory / f".{part_name(shard_id)}.tmp"
+class _OpenUnit:
+    def __init__(self, directory: Path, unit_id: str, schema: pa.Schema, compression: str):
+        self.final = directory / part_name(unit_id)
+        self.tmp = directory / f".{part_name(unit_id)}.tmp"
         self.writer = pq.ParquetWriter(self.tmp, schema, compression=compression)
         self.errors: list[tuple[str, str, str, str]] = []
         self.rows = 0
@@ -146,8 +160,8 @@ class ParquetShardWriter:
         self.error_schema = ERROR_SCHEMA.with_metadata(encoded)
         self.compression = compression
         self.queue: queue.Queue = queue.Queue(maxsize=queue_size)
-        self.open: dict[str, _OpenShard] = {}
-        self.shard_counts: dict[str, dict[str, int]] = {}
+        self.open: dict[str, _OpenUnit] = {}
+        self.unit_counts: dict[str, dict[str, int]] = {}
         self._failure: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name="parquet-writer", daemon=True)
         self._thread.start()
@@ -166,28 +180,28 @@ class ParquetShardWriter:
                 self.queue.task_done()
 
     def _write(self, out: ShardOutput) -> None:
-        shard = self.open.get(out.shard_id)
-        if shard is None:
-            shard = self.open[out.shard_id] = _OpenShard(self.cam_dir, out.shard_id, self.cam_schema, self.compression)
+        unit = self.open.get(out.unit)
+        if unit is None:
+            unit = self.open[out.unit] = _OpenUnit(self.cam_dir, out.unit, self.cam_schema, self.compression)
         if len(out.sample_ids):
             table = cam_table(out)
-            shard.writer.write_table(table)
-            shard.rows += table.num_rows
-        shard.errors.extend(out.errors)
+            unit.writer.write_table(table)
+            unit.rows += table.num_rows
+        unit.errors.extend(out.errors)
         if out.last:
-            shard.writer.close()
-            # errors first: the cams part file is the shard's completion marker
-            error_final = self.error_dir / part_name(out.shard_id)
-            if shard.errors:
-                error_tmp = self.error_dir / f".{part_name(out.shard_id)}.tmp"
-                pq.write_table(_error_table(out.shard_id, shard.errors, self.error_schema), error_tmp,
+            unit.writer.close()
+            # errors first: the cams part file is the unit's completion marker
+            error_final = self.error_dir / part_name(out.unit)
+            if unit.errors:
+                error_tmp = self.error_dir / f".{part_name(out.unit)}.tmp"
+                pq.write_table(_error_table(out.shard_id, unit.errors, self.error_schema), error_tmp,
                                compression=self.compression)
                 _fsync_rename(error_tmp, error_final)
             else:
                 error_final.unlink(missing_ok=True)  # left by an earlier, interrupted attempt
-            _fsync_rename(shard.tmp, shard.final)
-            self.shard_counts[out.shard_id] = {"rows": shard.rows, "errors": len(shard.errors)}
-            del self.open[out.shard_id]
+            _fsync_rename(unit.tmp, unit.final)
+            self.unit_counts[out.unit] = {"rows": unit.rows, "errors": len(unit.errors)}
+            del self.open[out.unit]
 
     def _raise_failure(self) -> None:
         if self._failure is not None:
@@ -203,12 +217,12 @@ class ParquetShardWriter:
         self._raise_failure()
 
     def close(self) -> None:
-        """Finish queued work; shards still open (interrupted run) stay as .tmp and are redone."""
+        """Finish queued work; units still open (interrupted run) leave no file and are redone."""
         self.queue.put(None)
         self._thread.join()
-        for shard in self.open.values():
-            shard.writer.close()
-            shard.tmp.unlink(missing_ok=True)
+        for unit in self.open.values():
+            unit.writer.close()
+            unit.tmp.unlink(missing_ok=True)
         self.open.clear()
         self._raise_failure()
 
@@ -223,7 +237,8 @@ class ParquetShardWriter:
 
 MANIFEST_NAME = "_manifest.json"
 # Config keys that change what the rows mean; runtime, batch size, workers and the output
-# location do not, so a resume may change them.
+# location do not, so a resume may change them. Nor does data.unit_size: a resume keeps the
+# split its manifest recorded.
 _IDENTITY_KEYS = {
     "data": ("format", "root", "shards", "shard_size", "image_column", "label_column", "id_column",
              "resize", "crop", "mean", "std", "max_pixels", "demo_images"),
@@ -258,16 +273,16 @@ def write_manifest(output_dir: str | Path, manifest: dict) -> None:
     _fsync_rename(tmp, final)
 
 
-def counts_on_disk(output_dir: str | Path, shard_ids: list[str]) -> dict[str, dict[str, int]]:
-    """Rows and errors of every complete shard, read from the part files' footers."""
+def counts_on_disk(output_dir: str | Path, unit_ids: list[str]) -> dict[str, dict[str, int]]:
+    """Rows and errors of every complete unit, read from the part files' footers."""
     output_dir = Path(output_dir)
     counts = {}
-    for shard_id in shard_ids:
-        part = output_dir / "cams" / part_name(shard_id)
+    for unit_id in unit_ids:
+        part = output_dir / "cams" / part_name(unit_id)
         if not part.is_file():
             continue
-        errors = output_dir / "errors" / part_name(shard_id)
-        counts[shard_id] = {"rows": pq.read_metadata(part).num_rows,
+        errors = output_dir / "errors" / part_name(unit_id)
+        counts[unit_id] = {"rows": pq.read_metadata(part).num_rows,
                             "errors": pq.read_metadata(errors).num_rows if errors.is_file() else 0}
     return counts
 

@@ -7,7 +7,7 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 import pytest
 
-from gradcam_batch.writer import METADATA_KEY, ParquetShardWriter, ShardOutput, completed_shards
+from gradcam_batch.writer import METADATA_KEY, ParquetShardWriter, ShardOutput, completed_units
 
 
 def output(shard, n=3, k=2, h=2, w=3, last=False, errors=(), seed=0):
@@ -38,7 +38,7 @@ def test_rows_columns_and_metadata(tmp_path):
     file = pq.ParquetFile(tmp_path / "cams" / "part-s0.parquet")
     assert json.loads(file.schema_arrow.metadata[METADATA_KEY]) == {"method": "gradcam"}
     assert file.metadata.row_group(0).column(0).compression == "ZSTD"
-    assert completed_shards(tmp_path) == {"s0"}
+    assert completed_units(tmp_path) == {"s0"}
 
 
 def test_part_file_appears_only_when_complete(tmp_path):
@@ -51,7 +51,7 @@ def test_part_file_appears_only_when_complete(tmp_path):
     errors = pq.read_table(tmp_path / "errors" / "part-s1.parquet").to_pylist()
     assert errors == [{"sample_id": "s1/x", "shard": "s1", "stage": "decode", "error_type": "ValueError",
                        "message": "bad"}]
-    assert writer.shard_counts == {"s1": {"rows": 6, "errors": 1}}
+    assert writer.unit_counts == {"s1": {"rows": 6, "errors": 1}}
 
 
 def test_hidden_temporary_is_invisible_to_readers(tmp_path):

@@ -1,5 +1,6 @@
-"""Readers per shard format. Each yields RawSample records in shard order; nothing here
-decodes images, so the same readers feed CPU workers and device decoders."""
+"""Readers per shard format. Each reads one work unit (a shard, or a slice of one) and yields
+RawSample records in shard order; nothing here decodes images, so the same readers feed CPU
+workers and device decoders."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from dataclasses import dataclass
 from typing import Iterator, Optional
 
 from gradcam_batch.config import DataConfig
-from gradcam_batch.data.shards import Shard
+from gradcam_batch.data.shards import Shard, Unit, as_unit, webdataset_key
 
 WDS_IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 
@@ -24,10 +25,10 @@ class RawSample:
     error: Optional[tuple[str, str, str]] = None  # (stage, error type, message)
 
 
-def _imagefolder(shard: Shard) -> Iterator[RawSample]:
-    for relative, label in shard.files:
+def _imagefolder(unit: Unit) -> Iterator[RawSample]:
+    for relative, label in unit.files():
         try:
-            with open(os.path.join(shard.root, relative), "rb") as handle:
+            with open(os.path.join(unit.shard.root, relative), "rb") as handle:
                 payload = handle.read()
         except OSError as error:
             yield RawSample(relative, label, None, error=("read", type(error).__name__, str(error)))
@@ -61,51 +62,57 @@ def _check_end_of_archive(handle, offset: int) -> None:
                                 "samples past that point are lost")
 
 
-def _webdataset(shard: Shard) -> Iterator[RawSample]:
-    """Members `<key>.<ext>` grouped by key (WebDataset: the extension starts at the first dot
-    of the base name); consecutive members with one key form a sample."""
+def _webdataset(unit: Unit) -> Iterator[RawSample]:
+    """Members `<key>.<ext>` grouped by key (shards.webdataset_key); consecutive members with one
+    key form a sample. A slice starts at its first member's header and ends where the next slice
+    begins; the last one (or a whole shard) reads to the end and checks the end-of-archive marker."""
     key, members = None, {}
     try:
-        with open(shard.path, "rb") as handle:
+        with open(unit.shard.path, "rb") as handle:
             compressed = handle.read(2) in (b"\x1f\x8b", b"BZ", b"\xfd7")  # gzip, bzip2, xz: checked by their codecs
-            handle.seek(0)
-            with tarfile.open(fileobj=handle, mode="r|*") as tar:
+            handle.seek(unit.byte_start)
+            # a slice is an uncompressed tar by construction; no compression sniffing mid-archive
+            with tarfile.open(fileobj=handle, mode="r|*" if unit.whole else "r|") as tar:
                 for member in tar:
+                    if unit.byte_end is not None and unit.byte_start + member.offset >= unit.byte_end:
+                        break  # the next slice's first sample
                     if not member.isfile():
                         continue
-                    directory, base = os.path.split(member.name)
-                    stem, _, extension = base.partition(".")
-                    member_key = f"{directory}/{stem}" if directory else stem
+                    member_key, extension = webdataset_key(member.name)
                     if member_key != key:
                         if key is not None:
                             yield _wds_sample(key, members)
                         key, members = member_key, {}
                     members[extension.lower()] = tar.extractfile(member).read()
-                end = tar.offset
-            if not compressed:
+                else:
+                    if unit.byte_end is not None:  # tarfile ends quietly at a bad header; a slice must not
+                        raise tarfile.ReadError(f"the archive ends before byte {unit.byte_end}, where this unit "
+                                                "ends; the shard changed after it was listed")
+                end = unit.byte_start + tar.offset
+            if not compressed and unit.byte_end is None:
                 _check_end_of_archive(handle, end)
     except (tarfile.TarError, OSError, EOFError) as error:
         if key is not None:
             yield _wds_sample(key, members)
             key = None
-        yield RawSample(f"{shard.shard_id}/<tar>", -1, None, error=("read", type(error).__name__, str(error)))
+        yield RawSample(f"{unit.unit_id}/<tar>", -1, None, error=("read", type(error).__name__, str(error)))
     if key is not None:
         yield _wds_sample(key, members)
 
 
-def _parquet(shard: Shard, cfg: DataConfig) -> Iterator[RawSample]:
+def _parquet(unit: Unit, cfg: DataConfig) -> Iterator[RawSample]:
     import pyarrow.parquet as pq
 
-    stem = os.path.splitext(os.path.basename(shard.path))[0]
+    stem = os.path.splitext(os.path.basename(unit.shard.path))[0]
     try:
-        file = pq.ParquetFile(shard.path)
+        file = pq.ParquetFile(unit.shard.path)
         names = file.schema_arrow.names
         columns = [cfg.image_column]
         label_column = cfg.label_column if cfg.label_column in names else None
         id_column = cfg.id_column if cfg.id_column in names else None
         columns += [c for c in (label_column, id_column) if c]
-        row = 0
-        for batch in file.iter_batches(batch_size=256, columns=columns):
+        row = unit.start  # default ids number rows from the file's start, whichever slice reads them
+        for batch in file.iter_batches(batch_size=256, columns=columns, row_groups=unit.row_groups):
             images = batch.column(cfg.image_column).to_pylist()
             labels = batch.column(label_column).to_pylist() if label_column else [None] * len(images)
             ids = batch.column(id_column).to_pylist() if id_column else [None] * len(images)
@@ -120,12 +127,14 @@ def _parquet(shard: Shard, cfg: DataConfig) -> Iterator[RawSample]:
                 else:
                     yield RawSample(sample_id, label, bytes(image))
     except (OSError, ValueError) as error:  # pyarrow raises ArrowInvalid (a ValueError) / OSError
-        yield RawSample(f"{shard.shard_id}/<parquet>", -1, None, error=("read", type(error).__name__, str(error)))
+        yield RawSample(f"{unit.unit_id}/<parquet>", -1, None, error=("read", type(error).__name__, str(error)))
 
 
-def iter_samples(shard: Shard, cfg: DataConfig) -> Iterator[RawSample]:
-    if shard.format == "imagefolder":
-        return _imagefolder(shard)
-    if shard.format == "webdataset":
-        return _webdataset(shard)
-    return _parquet(shard, cfg)
+def iter_samples(unit: Unit | Shard, cfg: DataConfig) -> Iterator[RawSample]:
+    """The samples of a unit (a shard given here is read whole)."""
+    unit = as_unit(unit)
+    if unit.shard.format == "imagefolder":
+        return _imagefolder(unit)
+    if unit.shard.format == "webdataset":
+        return _webdataset(unit)
+    return _parquet(unit, cfg)
