@@ -16,7 +16,7 @@ from gradcam_batch import UserError
 from gradcam_batch.methods import METHODS
 
 DATA_FORMATS = ("demo", "imagefolder", "webdataset", "parquet")
-DECODE_MODES = ("auto", "workers", "device")
+DECODE_MODES = ("auto", "workers", "device", "mixed")
 MODEL_SOURCES = ("demo", "torchvision", "checkpoint")
 TARGET_MODES = ("pred", "topk", "label", "classes")
 BACKENDS = ("auto", "torch", "triton")
@@ -44,7 +44,14 @@ class DataConfig:
     shards: Optional[str] = None
     """webdataset / parquet: a glob (or comma-separated globs) of shard files."""
     shard_size: int = 1000
-    """imagefolder: images per shard (the unit of output files and of resume)."""
+    """imagefolder: images per shard (the files are listed in sorted order and cut into shards,
+    which data.unit_size may split further)."""
+    unit_size: int = 334
+    """Samples per work unit. A shard with more samples is split into near-equal units (tar
+    samples, Parquet row groups, ImageFolder files; a compressed tar stays whole) that all
+    workers and ranks share out, each written as its own part file and resumed on its own.
+    334 cuts a 1,000-image shard in 3 and 20,000 images in 60, so 1 shard of 20k and 20 shards
+    of 1k both give 15 workers 4 equal units each. A resume keeps the split it started with."""
     image_column: str = "image"
     """parquet: column with the encoded image (binary, or a struct with a `bytes` field)."""
     label_column: Optional[str] = "label"
@@ -67,8 +74,9 @@ class DataConfig:
     """demo: how many synthetic images to generate."""
     decode: str = "auto"
     """Where JPEGs are decoded: workers (CPU processes), device (batched on the model's device,
-    nvJPEG on CUDA; other formats still decode in the workers), or auto (device on CUDA,
-    workers elsewhere)."""
+    nvJPEG on CUDA, a batch ahead of the model on its own stream; other formats still decode in
+    the workers), mixed (workers and device each take a share of the JPEGs, balanced at run time
+    by which side is ahead), or auto (mixed on CUDA, workers elsewhere)."""
     max_pixels: int = 89_478_485
     """Images with more pixels than this (decompression bombs) become error rows. Default:
     Pillow's limit (about 9459 x 9459)."""
@@ -79,6 +87,7 @@ class DataConfig:
         _at_least("data.batch_size", self.batch_size, 1)
         _at_least("data.num_workers", self.num_workers, 0)
         _at_least("data.shard_size", self.shard_size, 1)
+        _at_least("data.unit_size", self.unit_size, 1)
         _at_least("data.resize", self.resize, 1)
         _at_least("data.crop", self.crop, 1)
         _at_least("data.max_pixels", self.max_pixels, 1)

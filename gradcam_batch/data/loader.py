@@ -1,5 +1,6 @@
-"""DataLoader assembly: workers read whole shards and emit batches that never span shards, the
-last one flagged, so the writer knows when a shard's part file is complete."""
+"""DataLoader assembly: the run's work units (shards, or slices of them) are dealt round-robin to
+the workers, so every worker stays busy whatever the shard count. Batches never span units and
+a unit's last batch is flagged, so the writer knows when the unit's part file is complete."""
 
 from __future__ import annotations
 
@@ -11,13 +12,13 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from gradcam_batch.config import DataConfig
 from gradcam_batch.data.readers import iter_samples
-from gradcam_batch.data.shards import Shard
+from gradcam_batch.data.shards import Shard, Unit, as_unit
 from gradcam_batch.data.transforms import box_from_meta, decode_rgb, device_jpeg_size, map_box, resize_crop
 
 
 @dataclass
 class Batch:
-    """One shard's samples. The first len(images) were decoded by the worker; the rest arrive
+    """Samples of one unit. The first len(images) were decoded by the worker; the rest arrive
     as `payloads`, JPEG bytes for the device decoder (data.decode=device)."""
     shard_id: str
     images: torch.Tensor  # uint8 (N_decoded, 3, crop, crop)
@@ -25,8 +26,10 @@ class Batch:
     boxes: torch.Tensor  # float32 (N, 4) in [0, 1] of the crop, NaN where unknown
     sample_ids: list[str]
     errors: list[tuple[str, str, str, str]] = field(default_factory=list)  # (sample_id, stage, type, message)
-    last: bool = False  # the shard's final batch
+    last: bool = False  # the unit's final batch
     payloads: list[bytes] = field(default_factory=list)
+    unit_id: str = ""  # the unit the samples belong to (its part file's name); "" means the whole shard
+    worker: int = -1  # the DataLoader worker that read it (-1: the main process), to see the load spread
 
     def pin_memory(self) -> "Batch":
         self.images = self.images.pin_memory()
@@ -44,10 +47,12 @@ class _Pending:
     def __len__(self) -> int:
         return len(self.images) + len(self.payloads)
 
-    def batch(self, shard_id: str, crop: int, last: bool) -> Batch:
+    def batch(self, unit: Unit, crop: int, last: bool, worker: int) -> Batch:
         rows = self.decoded_rows + self.payload_rows
         return Batch(
-            shard_id=shard_id,
+            shard_id=unit.shard_id,
+            unit_id=unit.unit_id,
+            worker=worker,
             images=torch.stack(self.images) if self.images else torch.empty(0, 3, crop, crop, dtype=torch.uint8),
             labels=torch.tensor([label for _, label, _ in rows], dtype=torch.int64),
             boxes=torch.tensor([box for _, _, box in rows], dtype=torch.float32).reshape(-1, 4),
@@ -60,17 +65,24 @@ class _Pending:
 
 class ShardBatches(IterableDataset):
     """Batches of decoded uint8 images (data.decode=workers), or, with device_decode, the JPEG
-    bytes a device decoder can take as they are plus worker-decoded images for the rest."""
+    bytes a device decoder can take as they are plus worker-decoded images for the rest.
+    Takes work units; a shard given instead is one unit."""
 
-    def __init__(self, shards: list[Shard], cfg: DataConfig, device_decode: bool = False):
-        self.shards = shards
+    def __init__(self, units: list[Unit | Shard], cfg: DataConfig, device_decode: bool = False, balance=None):
+        self.units = [as_unit(unit) for unit in units]
         self.cfg = cfg
         self.device_decode = device_decode
+        # data.decode=mixed: a DecodeBalance whose shared share says, sample by sample, whether
+        # this worker ships the JPEG to the device or decodes it itself
+        self.balance = balance
+        self._samples_seen = 0  # per worker process: each holds its own copy of this object
 
     def _add(self, pending: _Pending, sample) -> None:
         cfg = self.cfg
         box = box_from_meta(sample.meta)
-        size = device_jpeg_size(sample.payload, cfg.max_pixels) if self.device_decode else None
+        to_device = self.device_decode and (self.balance is None or self.balance.take_device(self._samples_seen))
+        self._samples_seen += 1
+        size = device_jpeg_size(sample.payload, cfg.max_pixels) if to_device else None
         if size is not None:
             pending.payloads.append(sample.payload)
             pending.payload_rows.append((sample.sample_id, sample.label, _or_nan(map_box(box, *size, cfg.resize, cfg.crop))))
@@ -79,10 +91,10 @@ class ShardBatches(IterableDataset):
         pending.images.append(image)
         pending.decoded_rows.append((sample.sample_id, sample.label, _or_nan(box)))
 
-    def _shard_batches(self, shard: Shard) -> Iterator[Batch]:
+    def _unit_batches(self, unit: Unit, worker: int) -> Iterator[Batch]:
         cfg = self.cfg
         pending = _Pending()
-        for sample in iter_samples(shard, cfg):
+        for sample in iter_samples(unit, cfg):
             if sample.error is not None:
                 pending.errors.append((sample.sample_id, *sample.error))
                 continue
@@ -92,30 +104,35 @@ class ShardBatches(IterableDataset):
                 pending.errors.append((sample.sample_id, "decode", type(error).__name__, str(error)[:500]))
                 continue
             if len(pending) == cfg.batch_size:
-                yield pending.batch(shard.shard_id, cfg.crop, last=False)
+                yield pending.batch(unit, cfg.crop, last=False, worker=worker)
                 pending = _Pending()
-        yield pending.batch(shard.shard_id, cfg.crop, last=True)
+        yield pending.batch(unit, cfg.crop, last=True, worker=worker)
 
     def __iter__(self) -> Iterator[Batch]:
         info = get_worker_info()
-        shards = self.shards if info is None else self.shards[info.id::info.num_workers]
+        # Round-robin over units in listing order: the slices of one large shard land on
+        # different workers, and near-equal units keep the workers' loads near-equal.
+        units = self.units if info is None else self.units[info.id::info.num_workers]
         if info is not None:
             torch.set_num_threads(1)  # workers are processes already; avoid oversubscription
-        for shard in shards:
-            yield from self._shard_batches(shard)
+        for unit in units:
+            yield from self._unit_batches(unit, -1 if info is None else info.id)
 
 
 def _or_nan(box):
     return box if box is not None else [float("nan")] * 4
 
 
-def build_loader(shards: list[Shard], cfg: DataConfig, pin_memory: bool, device_decode: bool = False) -> DataLoader:
-    workers = min(cfg.num_workers, len(shards))
+def build_loader(units: list[Unit | Shard], cfg: DataConfig, pin_memory: bool,
+                 device_decode: bool = False, balance=None) -> DataLoader:
+    workers = min(cfg.num_workers, len(units))
     return DataLoader(
-        ShardBatches(shards, cfg, device_decode),
+        ShardBatches(units, cfg, device_decode, balance),
         batch_size=None,
         num_workers=workers,
         pin_memory=pin_memory,
-        prefetch_factor=4 if workers else None,
+        # mixed decoding: each batch waiting in the queue was split by an older share, so a short
+        # queue lets the balance's corrections take effect sooner
+        prefetch_factor=(2 if balance is not None else 4) if workers else None,
         persistent_workers=False,
     )
