@@ -31,9 +31,10 @@ class Dataset:
         return str(self.folder / "*.tar")
 
 
-def make_jpeg(rng, width: int, height: int) -> bytes:
+def make_jpeg(rng, width: int, height: int, grain: float = 9.0, quality: int = 90) -> bytes:
     """Smooth random content: upsampled low-resolution colour noise, mid-frequency texture, a few
-    filled shapes and fine grain, so a quality-90 JPEG is about 70 kB at 500x375."""
+    filled shapes and fine grain (Gaussian, std `grain`), so a quality-90 JPEG is about 70 kB at
+    500x375."""
     import numpy as np
     from PIL import Image, ImageDraw
 
@@ -55,9 +56,11 @@ def make_jpeg(rng, width: int, height: int) -> bytes:
             draw.rectangle((x0, y0, x1, y1), fill=color)
         else:
             draw.polygon([(x0, y1), ((x0 + x1) // 2, y0), (x1, y1)], fill=color)
-    pixels = np.asarray(image, dtype=np.float32) + rng.standard_normal((height, width, 3)) * 9
+    pixels = np.asarray(image, dtype=np.float32)
+    if grain:
+        pixels = pixels + rng.standard_normal((height, width, 3)) * grain
     out = io.BytesIO()
-    Image.fromarray(pixels.clip(0, 255).astype(np.uint8)).save(out, "JPEG", quality=90)
+    Image.fromarray(pixels.clip(0, 255).astype(np.uint8)).save(out, "JPEG", quality=quality)
     return out.getvalue()
 
 

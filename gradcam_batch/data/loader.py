@@ -13,7 +13,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from gradcam_batch.config import DataConfig
 from gradcam_batch.data.readers import iter_samples
 from gradcam_batch.data.shards import Shard, Unit, as_unit
-from gradcam_batch.data.transforms import box_from_meta, decode_rgb, device_jpeg_size, map_box, resize_crop
+from gradcam_batch.data.transforms import box_from_meta, decode_resize_crop, device_jpeg_size, map_box
 
 
 @dataclass
@@ -87,7 +87,7 @@ class ShardBatches(IterableDataset):
             pending.payloads.append(sample.payload)
             pending.payload_rows.append((sample.sample_id, sample.label, _or_nan(map_box(box, *size, cfg.resize, cfg.crop))))
             return
-        image, box = resize_crop(decode_rgb(sample.payload, cfg.max_pixels), cfg.resize, cfg.crop, box)
+        image, box = decode_resize_crop(sample.payload, cfg.resize, cfg.crop, cfg.max_pixels, box)
         pending.images.append(image)
         pending.decoded_rows.append((sample.sample_id, sample.label, _or_nan(box)))
 
