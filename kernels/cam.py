@@ -1,344 +1,66 @@
 """Fused class-activation maps: channel weights, weighted channel sum, ReLU, min-max, in Triton.
 
-Twin of `gradcam_batch.methods.compute_cam` (same formulas and epsilons). The work is memory
-bound, so the channel reduction is spread over many programs instead of one program per map:
+`fused_cam` is the public launcher of the kernels in `kernels.cam_kernels` (their docstring
+explains the passes). It checks the inputs, picks a tiling from `kernels.cam_configs` (the
+committed table, a heuristic for other buckets, or an opt-in autotune cached on disk) and
+launches 1-4 kernels. Everything that depends only on shapes, strides, dtypes, device, method
+and normalize (the checks, the config, grids, scratch sizes) is a launch plan built once per
+call signature, so a repeated call costs two allocations and the launches.
 
-1. `_cam_partial_kernel`, grid (B, channel groups, position blocks): a program loads its
-   activation tile A[b, BLOCK_C channels, BLOCK_HW positions] once and, for each of the K
-   targets, its gradient tile, and stores that channel group's fp32 partial map in `partials`
-   (B, K, n_slots, HW), slot = channel group. With the whole map in one tile (HW <= 4096, up to
-   64x64) gradcam / gradcampp / xgradcam reduce their channel weights over the tile's positions,
-   so A and G are each read once. C_ITERS > 1 lets a program sum several channel blocks before
-   storing (fewer partials on big maps, where registers cap BLOCK_C; A is then re-read per target).
-2. Split path, weighted methods on maps over 4096 positions: `_cam_weights_kernel`, grid
-   (B, cdiv(C, BLOCK_C)), loops over the positions to write fp32 channel weights (B, K, C); the
-   partial kernel then tiles the positions and reads those weights instead of G. Pixel-wise
-   methods (hirescam, layercam, elementwise) just tile the positions.
-3. `_cam_finish_kernel`, grid (B * K,): sums the partial maps in slot order (deterministic, no
-   atomics), applies ReLU and, when normalizing, the per-map min-max.
-
-Under TRITON_INTERPRET=1 (set before importing this module) the kernels run on CPU tensors with
-one small fixed config; on the GPU BLOCK_C, C_ITERS and num_warps are autotuned per
-(C, HW, K, layout, method, dtypes).
+Under TRITON_INTERPRET=1 (set before importing this module) the kernels run on CPU tensors.
 """
 
 from __future__ import annotations
 
-import contextlib
-import functools
-import os
+import dataclasses
+import logging
+from typing import Any, NamedTuple
 
 import torch
 import triton
-import triton.language as tl
 
-from gradcam_batch.methods import GRADCAMPP_EPS, METHODS, NORMALIZE_EPS, XGRADCAM_EPS, check_cam_inputs
+from gradcam_batch.methods import METHODS, check_cam_inputs
+from kernels import cam_configs
+from kernels.cam_configs import CamConfig, Problem
+from kernels.cam_kernels import (
+    INTERPRETED,
+    METHOD_CODES,
+    SUMS_OF_A,
+    SUMS_OF_TARGETS,
+    _cam_channel_sums_kernel,
+    _cam_finish_kernel,
+    _cam_map_kernel,
+)
 
-# Read once, like triton.jit does when it decorates the kernels below: the two must agree.
-INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
+log = logging.getLogger(__name__)
+
+__all__ = ["INTERPRETED", "SUPPORTED_DTYPES", "fused_cam", "plan_config", "reset_caches", "warmup_specs"]
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-# The largest position tile: 56x56 = 3136 and 64x64 = 4096 maps take the fused path.
-MAX_FUSED_BLOCK_HW = 4096
-# Position tile of the split path (maps larger than MAX_FUSED_BLOCK_HW).
-SPLIT_BLOCK_HW = 1024
-# Channel block used under the interpreter: small enough for several blocks on test sizes.
-INTERPRETER_BLOCK_C = 16
 _INT32_MAX = 2**31 - 1
+_GRID_AXIS_MAX = 65535  # CUDA's limit on grid axes 1 and 2
 # Tests set this: scratch buffers start as NaN, so a slot read before it is written shows.
 POISON_SCRATCH = False
+# Plans kept at most; a workload with more distinct shapes just rebuilds them.
+MAX_PLANS = 512
+# Finishing pass: partial-map slots per load, fp32 elements per tile.
+_FINISH_MAX_SLOTS = 64
+_FINISH_TILE = 8192
 
-METHOD_CODES = {name: code for code, name in enumerate(METHODS)}
-_GRADCAM = tl.constexpr(METHOD_CODES["gradcam"])
-_GRADCAMPP = tl.constexpr(METHOD_CODES["gradcampp"])
-_XGRADCAM = tl.constexpr(METHOD_CODES["xgradcam"])
-_HIRESCAM = tl.constexpr(METHOD_CODES["hirescam"])
-_LAYERCAM = tl.constexpr(METHOD_CODES["layercam"])
-_WEIGHTED_METHODS = ("gradcam", "gradcampp", "xgradcam")
-_GRADCAMPP_EPS = tl.constexpr(GRADCAMPP_EPS)
-_XGRADCAM_EPS = tl.constexpr(XGRADCAM_EPS)
-_NORMALIZE_EPS = tl.constexpr(NORMALIZE_EPS)
+_PLANS: dict = {}
+_TABLE: dict | None = None
+_AUTOTUNED: dict = {}  # autotune cache file -> {bucket: config}
 
 
-@triton.jit
-def _gradcampp_terms(g, sum_a):
-    """relu(G) * alpha per element; g: (BLOCK_C, BLOCK_HW) fp32, sum_a: (BLOCK_C,) fp32."""
-    g2 = g * g
-    denominator = 2.0 * g2 + sum_a[:, None] * (g2 * g) + _GRADCAMPP_EPS
-    # relu(G) * alpha is zero wherever G <= 0 (alpha = 0 at G == 0, relu = 0 below); selecting
-    # before dividing also keeps a zero denominator at G < 0 from turning 0 * inf into NaN.
-    positive = g > 0.0
-    return tl.where(positive, g * g2 / tl.where(positive, denominator, 1.0), 0.0)
+def reset_caches() -> None:
+    """Forget plans, the loaded table and autotune results (after changing the env vars)."""
+    global _TABLE
+    _PLANS.clear()
+    _AUTOTUNED.clear()
+    _TABLE = None
 
 
-@triton.jit
-def _spatial_offsets(positions, W, stride_h, stride_w, FLAT_HW: tl.constexpr):
-    """Element offsets of flat positions h * W + w; int32, the launcher checks they fit."""
-    if FLAT_HW:
-        # (H, W) collapse to one stride (NCHW, NHWC): contiguity stays visible to the compiler.
-        return positions * stride_w
-    else:
-        return (positions // W) * stride_h + (positions % W) * stride_w
-
-
-@triton.jit
-def _load_tile(base_ptr, channels, positions, mask, W, stride_c, stride_h, stride_w, FLAT_HW: tl.constexpr):
-    """(BLOCK_C, BLOCK_HW) tile of one image, zeros outside `mask`, upcast to fp32."""
-    offsets = channels[:, None] * stride_c + _spatial_offsets(positions, W, stride_h, stride_w, FLAT_HW)[None, :]
-    # fp32 upcast: every product and sum of the CAM accumulates in fp32 whatever the storage dtype.
-    return tl.load(base_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
-
-
-@triton.jit
-def _block_map(
-    a,  # (BLOCK_C, BLOCK_HW) fp32 activation tile, zeros outside the mask
-    sum_a,  # (BLOCK_C,) fp32 sum of A over all positions (gradcampp, xgradcam)
-    g_target_ptr,  # this image's and target's gradients (pointer to G[b, k, 0, 0, 0])
-    weight_target_ptr,  # (C,) fp32 weights of this image and target (WEIGHTS_FROM_BUFFER)
-    channels, positions, mask,  # (BLOCK_C,), (BLOCK_HW,), (BLOCK_C, BLOCK_HW) of this tile
-    C, W, HW, stride_gc, stride_gh, stride_gw,
-    METHOD: tl.constexpr, WEIGHTS_FROM_BUFFER: tl.constexpr, G_FLAT_HW: tl.constexpr,
-):
-    """This channel block's contribution (BLOCK_HW,) fp32 to one target's map."""
-    if WEIGHTS_FROM_BUFFER:
-        weights = tl.load(weight_target_ptr + channels, mask=channels < C, other=0.0)
-        contribution = weights[:, None] * a
-    else:
-        g = _load_tile(g_target_ptr, channels, positions, mask, W, stride_gc, stride_gh, stride_gw, G_FLAT_HW)
-        if METHOD == _GRADCAM:
-            weights = tl.sum(g, axis=1) / HW
-            contribution = weights[:, None] * a
-        elif METHOD == _GRADCAMPP:
-            weights = tl.sum(_gradcampp_terms(g, sum_a), axis=1)
-            contribution = weights[:, None] * a
-        elif METHOD == _XGRADCAM:
-            weights = tl.sum(g * a, axis=1) / (sum_a + _XGRADCAM_EPS)
-            contribution = weights[:, None] * a
-        elif METHOD == _HIRESCAM:
-            contribution = g * a
-        elif METHOD == _LAYERCAM:
-            contribution = tl.maximum(g, 0.0) * a
-        else:  # elementwise
-            contribution = tl.maximum(g * a, 0.0)
-    return tl.sum(contribution, axis=0)
-
-
-@triton.jit
-def _cam_partial_kernel(
-    a_ptr,  # (B, C, H, W) activations, any strides; fp32 / bf16 / fp16
-    g_ptr,  # (B, K, C, H, W) gradients, any strides; fp32 / bf16 / fp16
-    weight_ptr,  # (B, K, C) fp32 contiguous channel weights; read only if WEIGHTS_FROM_BUFFER
-    partial_ptr,  # (B, K, n_slots, HW) fp32 contiguous; slot = channel group of this program
-    C, W, HW, K, n_slots,  # sizes (HW = H * W) and the slot count of partial_ptr
-    stride_ab, stride_ac, stride_ah, stride_aw,  # A strides in elements; see _spatial_offsets
-    stride_gb, stride_gk, stride_gc, stride_gh, stride_gw,  # G strides in elements
-    METHOD: tl.constexpr, WEIGHTS_FROM_BUFFER: tl.constexpr,
-    A_FLAT_HW: tl.constexpr, G_FLAT_HW: tl.constexpr,
-    BLOCK_C: tl.constexpr, C_ITERS: tl.constexpr, BLOCK_HW: tl.constexpr,
-):
-    """One program: channels [group * C_ITERS * BLOCK_C, +C_ITERS * BLOCK_C) x one position block.
-
-    C_ITERS == 1: the A tile is loaded once and reused for all K targets.
-    C_ITERS > 1: fewer, larger partial sums (less partial traffic on big maps, where registers
-    cap BLOCK_C); the targets loop outside the channel blocks, so for K > 1 the A tiles are read
-    again per target, mostly from cache.
-    """
-    batch = tl.program_id(0).to(tl.int64)  # int64: batch * stride_ab can pass 2^31
-    group = tl.program_id(1)
-    positions = tl.program_id(2) * BLOCK_HW + tl.arange(0, BLOCK_HW)
-    position_mask = positions < HW
-    a_image_ptr = a_ptr + batch * stride_ab
-    # Scalar base pointers advance by one target per iteration (64-bit pointer arithmetic).
-    g_target_ptr = g_ptr + batch * stride_gb
-    weight_target_ptr = weight_ptr + batch * K * C
-    partial_target_ptr = partial_ptr + (batch * K * n_slots + group) * HW
-    if C_ITERS == 1:
-        channels = group * BLOCK_C + tl.arange(0, BLOCK_C)
-        mask = (channels < C)[:, None] & position_mask[None, :]
-        a = _load_tile(a_image_ptr, channels, positions, mask, W, stride_ac, stride_ah, stride_aw, A_FLAT_HW)
-        # Only read by gradcampp / xgradcam, whose fused path has the whole map in this tile.
-        sum_a = tl.sum(a, axis=1)
-        for _k in range(K):
-            cam = _block_map(
-                a, sum_a, g_target_ptr, weight_target_ptr, channels, positions, mask, C, W, HW,
-                stride_gc, stride_gh, stride_gw, METHOD, WEIGHTS_FROM_BUFFER, G_FLAT_HW,
-            )
-            tl.store(partial_target_ptr + positions, cam, mask=position_mask)
-            g_target_ptr += stride_gk
-            weight_target_ptr += C
-            partial_target_ptr += n_slots * HW
-    else:
-        for _k in range(K):
-            cam = tl.zeros([BLOCK_HW], dtype=tl.float32)
-            for block in range(C_ITERS):
-                channels = (group * C_ITERS + block) * BLOCK_C + tl.arange(0, BLOCK_C)
-                mask = (channels < C)[:, None] & position_mask[None, :]
-                a = _load_tile(
-                    a_image_ptr, channels, positions, mask, W, stride_ac, stride_ah, stride_aw, A_FLAT_HW
-                )
-                sum_a = tl.sum(a, axis=1)
-                cam += _block_map(
-                    a, sum_a, g_target_ptr, weight_target_ptr, channels, positions, mask, C, W, HW,
-                    stride_gc, stride_gh, stride_gw, METHOD, WEIGHTS_FROM_BUFFER, G_FLAT_HW,
-                )
-            tl.store(partial_target_ptr + positions, cam, mask=position_mask)
-            g_target_ptr += stride_gk
-            weight_target_ptr += C
-            partial_target_ptr += n_slots * HW
-
-
-@triton.jit
-def _cam_weights_kernel(  # split path: fp32 channel weights of the weighted methods
-    a_ptr,  # (B, C, H, W) activations, any strides; fp32 / bf16 / fp16
-    g_ptr,  # (B, K, C, H, W) gradients, any strides; fp32 / bf16 / fp16
-    weight_ptr,  # (B, K, C) fp32 contiguous; written
-    C, W, HW, K,  # sizes (HW = H * W)
-    stride_ab, stride_ac, stride_ah, stride_aw,  # A strides in elements; see _spatial_offsets
-    stride_gb, stride_gk, stride_gc, stride_gh, stride_gw,  # G strides in elements
-    METHOD: tl.constexpr, A_FLAT_HW: tl.constexpr, G_FLAT_HW: tl.constexpr,
-    BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr,
-):
-    batch = tl.program_id(0).to(tl.int64)  # int64: batch * stride_ab can pass 2^31
-    channels = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    channel_mask = channels < C
-    a_image_ptr = a_ptr + batch * stride_ab
-    if METHOD != _GRADCAM:
-        sum_a = tl.zeros([BLOCK_C], dtype=tl.float32)
-        for start in range(0, HW, BLOCK_HW):
-            positions = start + tl.arange(0, BLOCK_HW)
-            mask = channel_mask[:, None] & (positions < HW)[None, :]
-            a = _load_tile(a_image_ptr, channels, positions, mask, W, stride_ac, stride_ah, stride_aw, A_FLAT_HW)
-            sum_a += tl.sum(a, axis=1)
-
-    g_target_ptr = g_ptr + batch * stride_gb
-    weight_target_ptr = weight_ptr + batch * K * C
-    for _k in range(K):
-        accumulated = tl.zeros([BLOCK_C], dtype=tl.float32)
-        for start in range(0, HW, BLOCK_HW):
-            positions = start + tl.arange(0, BLOCK_HW)
-            mask = channel_mask[:, None] & (positions < HW)[None, :]
-            g = _load_tile(g_target_ptr, channels, positions, mask, W, stride_gc, stride_gh, stride_gw, G_FLAT_HW)
-            if METHOD == _GRADCAM:
-                accumulated += tl.sum(g, axis=1)
-            elif METHOD == _GRADCAMPP:
-                accumulated += tl.sum(_gradcampp_terms(g, sum_a), axis=1)
-            else:  # xgradcam needs A again; this path is for maps too large to keep in a tile
-                a = _load_tile(
-                    a_image_ptr, channels, positions, mask, W, stride_ac, stride_ah, stride_aw, A_FLAT_HW
-                )
-                accumulated += tl.sum(g * a, axis=1)
-        if METHOD == _GRADCAM:
-            weights = accumulated / HW
-        elif METHOD == _GRADCAMPP:
-            weights = accumulated
-        else:
-            weights = accumulated / (sum_a + _XGRADCAM_EPS)
-        tl.store(weight_target_ptr + channels, weights, mask=channel_mask)
-        g_target_ptr += stride_gk
-        weight_target_ptr += C
-
-
-@triton.jit
-def _sum_partials(partial_map_ptr, positions, mask, HW, n_used):
-    """Sum of the n_used partial maps at `positions`, in slot order (deterministic)."""
-    total = tl.load(partial_map_ptr + positions, mask=mask, other=0.0)
-    for slot in range(1, n_used):
-        total += tl.load(partial_map_ptr + slot * HW + positions, mask=mask, other=0.0)
-    return total
-
-
-@triton.jit
-def _cam_finish_kernel(
-    partial_ptr,  # (B * K, n_slots, HW) fp32 contiguous; slots [0, n_used) hold partial maps
-    out_ptr,  # (B * K, HW) fp32 contiguous; written
-    HW, n_slots, n_used,
-    NORMALIZE: tl.constexpr, SINGLE_BLOCK: tl.constexpr, BLOCK_HW: tl.constexpr,
-):
-    map_index = tl.program_id(0).to(tl.int64)  # int64: map_index * n_slots * HW can pass 2^31
-    partial_map_ptr = partial_ptr + map_index * n_slots * HW
-    out_map_ptr = out_ptr + map_index * HW
-    if SINGLE_BLOCK:
-        positions = tl.arange(0, BLOCK_HW)
-        mask = positions < HW
-        cam = tl.maximum(_sum_partials(partial_map_ptr, positions, mask, HW, n_used), 0.0)
-        if NORMALIZE:
-            low = tl.min(tl.where(mask, cam, float("inf")), axis=0)
-            high = tl.max(tl.where(mask, cam, float("-inf")), axis=0)
-            cam = (cam - low) / (high - low + _NORMALIZE_EPS)
-        tl.store(out_map_ptr + positions, cam, mask=mask)
-    elif NORMALIZE:
-        # Two passes over the partials: min/max first, then the normalized map. Re-reading the
-        # partials (not `out`) keeps every value in the thread that computed it.
-        lows = tl.full([BLOCK_HW], float("inf"), dtype=tl.float32)
-        highs = tl.full([BLOCK_HW], float("-inf"), dtype=tl.float32)
-        for start in range(0, HW, BLOCK_HW):
-            positions = start + tl.arange(0, BLOCK_HW)
-            mask = positions < HW
-            cam = tl.maximum(_sum_partials(partial_map_ptr, positions, mask, HW, n_used), 0.0)
-            lows = tl.where(mask, tl.minimum(lows, cam), lows)
-            highs = tl.where(mask, tl.maximum(highs, cam), highs)
-        low = tl.min(lows, axis=0)
-        high = tl.max(highs, axis=0)
-        for start in range(0, HW, BLOCK_HW):
-            positions = start + tl.arange(0, BLOCK_HW)
-            mask = positions < HW
-            cam = tl.maximum(_sum_partials(partial_map_ptr, positions, mask, HW, n_used), 0.0)
-            tl.store(out_map_ptr + positions, (cam - low) / (high - low + _NORMALIZE_EPS), mask=mask)
-    else:
-        for start in range(0, HW, BLOCK_HW):
-            positions = start + tl.arange(0, BLOCK_HW)
-            mask = positions < HW
-            cam = tl.maximum(_sum_partials(partial_map_ptr, positions, mask, HW, n_used), 0.0)
-            tl.store(out_map_ptr + positions, cam, mask=mask)
-
-
-# Tuning ---------------------------------------------------------------------------------------
-_PARTIAL_KEY = ["C", "HW", "K", "stride_ac", "stride_gc", "METHOD", "WEIGHTS_FROM_BUFFER"]
-_WEIGHTS_KEY = ["C", "HW", "K", "stride_ac", "stride_gc", "METHOD"]
-_TUNERS: dict = {}
-# Partial-kernel config per tuning key, once tuned: later calls launch it directly and size the
-# partial buffer for it (the first call sizes it for the smallest channel group of any candidate).
-_CHOSEN_CONFIGS: dict = {}
-
-
-def _partial_configs(block_hw: int, channel_cap: int) -> list:
-    """Candidates whose tiles fit in registers: checked with ptxas for sm_90 (no spills up to
-    4096 fp32 elements at 4 warps, 8192 at 8, 16384 at 16 warps on maps of 32x32 and more).
-    Each channel block comes with one block per program and with about 64 channels per program.
-    """
-    largest_tile = 16384 if block_hw >= 1024 else 8192
-    fitting = [c for c in (2, 4, 8, 16, 32, 64, 128, 256) if c * block_hw <= largest_tile and c <= channel_cap]
-    configs = []
-    for block_c in (fitting or [2])[-2:]:
-        tile = block_c * block_hw
-        warps = (4, 8) if tile <= 4096 else (8,) if tile <= 8192 else (16,)
-        for c_iters in sorted({1, max(1, min(64, channel_cap) // block_c)}):
-            configs += [triton.Config({"BLOCK_C": block_c, "C_ITERS": c_iters}, num_warps=w) for w in warps]
-    return configs
-
-
-def _weights_configs(channel_cap: int) -> list:
-    blocks = [c for c in (4, 8, 16) if c <= max(channel_cap, 4)]
-    return [triton.Config({"BLOCK_C": c}, num_warps=w) for c in blocks for w in (4, 8)]
-
-
-def _tuner(name: str, kernel, configs: list, key: list, cache_key: tuple):
-    """One autotuner per (kernel, BLOCK_HW, channel cap): their config lists differ."""
-    full_key = (name,) + cache_key
-    if full_key not in _TUNERS:
-        _TUNERS[full_key] = triton.autotune(configs=configs, key=key)(kernel)
-    return _TUNERS[full_key]
-
-
-# Launcher -------------------------------------------------------------------------------------
-
-def _position_block(positions: int, max_fused_block_hw: int, split_block_hw: int) -> tuple[int, bool]:
-    """(BLOCK_HW, split): the whole map in one tile when it fits, else split_block_hw tiles."""
-    full_block_hw = triton.next_power_of_2(positions)
-    if full_block_hw > max_fused_block_hw:
-        return split_block_hw, True
-    return full_block_hw, False
-
+# Input checks ---------------------------------------------------------------------------------
 
 def _flat_spatial_stride(tensor: torch.Tensor, h_dim: int, w_dim: int) -> int | None:
     """The one stride s with offset(h, w) == (h * W + w) * s, or None if (H, W) do not collapse."""
@@ -362,11 +84,6 @@ def _check_int32_extent(name: str, tensor: torch.Tensor, dims: tuple) -> None:
 
 def _check_inputs(activations, gradients, method, out) -> torch.Tensor:
     """Validate everything a caller can get wrong; return gradients as (B, K, C, H, W)."""
-    for name, value in (("activations", activations), ("gradients", gradients)):
-        if not isinstance(value, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
-    if not isinstance(method, str):
-        raise TypeError(f"method must be a string, one of {', '.join(METHODS)}; got {method!r}")
     gradients = check_cam_inputs(activations, gradients, method)
     for name, value in (("activations", activations), ("gradients", gradients)):
         if value.dtype not in SUPPORTED_DTYPES:
@@ -385,8 +102,6 @@ def _check_inputs(activations, gradients, method, out) -> torch.Tensor:
     if out is not None:
         batch, targets, _, height, width = gradients.shape
         expected = (batch, targets, height, width)
-        if not isinstance(out, torch.Tensor):
-            raise TypeError(f"out must be a torch.Tensor, got {type(out).__name__}")
         if tuple(out.shape) != expected or out.dtype != torch.float32 or not out.is_contiguous():
             raise ValueError(
                 f"out must be a contiguous float32 tensor of shape {expected}, got "
@@ -398,6 +113,223 @@ def _check_inputs(activations, gradients, method, out) -> torch.Tensor:
     _check_int32_extent("gradients", gradients, (2, 3, 4))
     return gradients
 
+
+# Launch plans ---------------------------------------------------------------------------------
+
+class _Launch(NamedTuple):
+    kernel: Any  # a @triton.jit function of kernels.cam_kernels
+    grid: tuple
+    buffers: tuple  # roles of the pointer arguments: "a", "g", "sums", "partials", "out"
+    scalars: tuple  # the integer arguments, in order
+    constants: dict  # constexpr arguments
+    options: dict  # num_warps (left out under the interpreter, which has no warps)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Plan:
+    out_shape: tuple
+    device: torch.device
+    launches: tuple = ()
+    zero_fill: bool = False  # no channels: every map is zero
+    scratch_numel: int = 0  # fp32 partial maps first, then the channel sums at sums_offset
+    sums_offset: int = 0
+    config: CamConfig | None = None
+
+
+def _cdiv(numerator: int, denominator: int) -> int:
+    return -(-numerator // denominator)
+
+
+def _fits_grid(name: str, value: int) -> int:
+    if value > _GRID_AXIS_MAX:
+        raise ValueError(f"{name} = {value} exceeds the {_GRID_AXIS_MAX} programs of a CUDA grid axis; "
+                         "use a smaller map or fewer channels per call")
+    return value
+
+
+def _problem(activations: torch.Tensor, gradients: torch.Tensor, method: str):
+    """(Problem, A strides, G strides, A flat, G flat); strides in elements, W's replaced by the
+    flat spatial stride where (H, W) collapse."""
+    _, targets, channels, height, width = gradients.shape
+    a_flat = _flat_spatial_stride(activations, 2, 3)
+    g_flat = _flat_spatial_stride(gradients, 3, 4)
+    a_strides = activations.stride()[:3] + (activations.stride(3) if a_flat is None else a_flat,)
+    g_strides = gradients.stride()[:4] + (gradients.stride(4) if g_flat is None else g_flat,)
+    layout = cam_configs.layout_of(a_strides[1], g_strides[2], a_flat, g_flat)
+    problem = Problem.for_method(channels, height * width, targets, layout, method)
+    return problem, a_strides, g_strides, a_flat is not None, g_flat is not None
+
+
+def _build_plan(activations, gradients, method: str, normalize: bool, config: CamConfig | None) -> _Plan:
+    """Grids, scratch sizes and arguments of every launch; gradients are (B, K, C, H, W)."""
+    batch, targets, channels, height, width = gradients.shape
+    positions = height * width
+    out_shape = (batch, targets, height, width)
+    device = activations.device
+    if batch * targets * positions == 0:
+        return _Plan(out_shape, device)
+    if channels == 0:  # an empty channel sum is a zero map, and a zero map normalizes to zeros
+        return _Plan(out_shape, device, zero_fill=True)
+    problem, a_strides, g_strides, a_flat, g_flat = _problem(activations, gradients, method)
+    if config is None:
+        config = _choose_config(problem, activations, gradients, method, normalize)
+    errors = config.problems(problem)
+    if errors:
+        raise ValueError(f"config {config} cannot run {problem}: {'; '.join(errors)}")
+
+    from_sums = config.path == "tiled" and problem.family != "pixel"
+    n_groups = _fits_grid("channel groups", _cdiv(channels, config.block_c * config.c_iters))
+    n_position_blocks = _fits_grid("position blocks", _cdiv(positions, config.block_hw))
+    # One group holds every channel: the map kernel writes final maps, unless it must normalize
+    # a map that is spread over several position blocks.
+    direct_out = n_groups == 1 and (n_position_blocks == 1 or not normalize)
+    n_slots = 0 if direct_out else n_groups
+    n_splits = _fits_grid("position splits", _cdiv(positions, config.sums_block_hw * config.sums_iters)) \
+        if from_sums else 1
+    partials_numel = batch * targets * n_slots * positions
+    sums_offset = _cdiv(partials_numel, 32) * 32  # 128-byte aligned, as the kernels are specialized
+    sums_numel = batch * (targets + 1) * n_splits * channels if from_sums else 0
+    if max(n_slots * positions, (targets + 1) * n_splits * channels) > _INT32_MAX:
+        raise ValueError(f"{targets} targets x {channels} channels x {positions} positions overflow the "
+                         "kernels' int32 per-image offsets; split the call")
+
+    def options(num_warps):
+        return {} if INTERPRETED else {"num_warps": num_warps}
+
+    common = {"METHOD": METHOD_CODES[method], "A_FLAT_HW": a_flat, "G_FLAT_HW": g_flat}
+    strides = tuple(a_strides) + tuple(g_strides)
+    launches = []
+    if from_sums:
+        phases = (SUMS_OF_A, SUMS_OF_TARGETS) if method == "gradcampp" else (SUMS_OF_TARGETS,)
+        sums_grid = (batch, _fits_grid("channel blocks", _cdiv(channels, config.sums_block_c)), n_splits)
+        for phase in phases:
+            launches.append(_Launch(
+                _cam_channel_sums_kernel, sums_grid, ("a", "g", "sums"),
+                (channels, width, positions, targets, n_splits) + strides,
+                {**common, "PHASE": phase, "BLOCK_C": config.sums_block_c, "BLOCK_HW": config.sums_block_hw,
+                 "SPLIT_ITERS": config.sums_iters},
+                options(config.sums_warps),
+            ))
+    launches.append(_Launch(
+        _cam_map_kernel, (batch, n_groups, n_position_blocks), ("a", "g", "sums", "out" if direct_out else "partials"),
+        (channels, width, positions, targets, max(n_slots, 1), n_splits) + strides,
+        {**common, "WEIGHTS_FROM_SUMS": from_sums, "BLOCK_C": config.block_c, "C_ITERS": config.c_iters,
+         "BLOCK_HW": config.block_hw, "DIRECT_OUT": direct_out, "NORMALIZE": bool(normalize) and direct_out},
+        options(config.num_warps),
+    ))
+    if not direct_out:
+        slots_block = min(triton.next_power_of_2(n_slots), _FINISH_MAX_SLOTS)
+        finish_block_hw = min(triton.next_power_of_2(positions), cam_configs.MAX_WHOLE_BLOCK_HW,
+                              _FINISH_TILE // slots_block)
+        launches.append(_Launch(
+            _cam_finish_kernel, (batch * targets, 1, 1), ("partials", "out"), (positions, n_slots),
+            {"NORMALIZE": bool(normalize), "SINGLE_BLOCK": finish_block_hw >= positions,
+             "SLOTS_BLOCK": slots_block, "BLOCK_HW": finish_block_hw},
+            options(4 if slots_block * finish_block_hw <= 2048 else 8),
+        ))
+    scratch_numel = sums_offset + sums_numel if from_sums else partials_numel
+    return _Plan(out_shape, device, tuple(launches), scratch_numel=scratch_numel,
+                 sums_offset=sums_offset if from_sums else 0, config=config)
+
+
+def _run(plan: _Plan, activations, gradients, out):
+    if out is None:
+        out = torch.empty(plan.out_shape, dtype=torch.float32, device=plan.device)
+    if plan.zero_fill:
+        return out.zero_()
+    if not plan.launches:
+        return out
+    buffers = {"a": activations, "g": gradients, "out": out, "partials": out, "sums": out}  # placeholders
+    if plan.scratch_numel:
+        if POISON_SCRATCH:
+            scratch = torch.full((plan.scratch_numel,), float("nan"), device=plan.device)
+        else:
+            scratch = torch.empty((plan.scratch_numel,), dtype=torch.float32, device=plan.device)
+        buffers["partials"] = scratch
+        buffers["sums"] = scratch[plan.sums_offset:] if plan.sums_offset else scratch
+    if plan.device.type == "cuda" and plan.device.index != torch.cuda.current_device():
+        with torch.cuda.device(plan.device):  # Triton launches on the current device
+            _launch_all(plan, buffers)
+    else:
+        _launch_all(plan, buffers)
+    return out
+
+
+def _launch_all(plan: _Plan, buffers: dict) -> None:
+    for launch in plan.launches:
+        launch.kernel[launch.grid](
+            *[buffers[role] for role in launch.buffers], *launch.scalars, **launch.constants, **launch.options
+        )
+
+
+# Config choice --------------------------------------------------------------------------------
+
+def _table() -> dict:
+    global _TABLE
+    if _TABLE is None:
+        path = cam_configs.table_path()
+        if path == cam_configs.TABLE_PATH and not path.exists():
+            # An install without the data file still works, on the heuristic configs.
+            log.warning("fused_cam: %s is missing; using heuristic tile configs", path)
+            _TABLE = {}
+        else:
+            _TABLE = cam_configs.load_table(path)
+    return _TABLE
+
+
+def _can_autotune(device: torch.device) -> bool:
+    return device.type == "cuda"  # tuning times kernels with CUDA events
+
+
+def _tuning_device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device)
+
+
+def _measure_config(config: CamConfig, activations, gradients, method, normalize) -> float:
+    """Median milliseconds of one call with `config` (compiles it first)."""
+    plan = _build_plan(activations, gradients, method, normalize, config)
+    out = torch.empty(plan.out_shape, dtype=torch.float32, device=plan.device)
+    for _ in range(2):
+        _run(plan, activations, gradients, out)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    timings = []
+    for _ in range(5):
+        start.record()
+        for _ in range(10):
+            _run(plan, activations, gradients, out)
+        end.record()
+        end.synchronize()
+        timings.append(start.elapsed_time(end) / 10)
+    return sorted(timings)[len(timings) // 2]
+
+
+def _choose_config(problem: Problem, activations, gradients, method, normalize) -> CamConfig:
+    """Autotune cache (opt-in), else the table, else the heuristic."""
+    key = problem.bucket
+    device = activations.device
+    if cam_configs.autotune_enabled() and _can_autotune(device):
+        path = cam_configs.autotune_cache_path(_tuning_device_name(device), triton.__version__)
+        if path not in _AUTOTUNED:
+            _AUTOTUNED[path] = cam_configs.read_autotune_cache(path)
+        tuned = _AUTOTUNED[path]
+        if key not in tuned:
+            timings = []
+            for config in cam_configs.candidate_configs(problem):
+                try:
+                    timings.append((_measure_config(config, activations, gradients, method, normalize), config))
+                except Exception as error:  # one candidate failing to compile must not stop the call
+                    log.warning("fused_cam autotune: %s failed for %s: %r", config, key, error)
+            if not timings:
+                raise RuntimeError(f"fused_cam autotune: every candidate config failed for {key}")
+            milliseconds, best = min(timings, key=lambda pair: pair[0])
+            log.info("fused_cam autotune: %s -> %s (%.4f ms), cached in %s", key, best, milliseconds, path)
+            cam_configs.write_autotune_result(path, key, best, milliseconds)
+            tuned[key] = best
+        return tuned[key]
+    return _table().get(key) or cam_configs.heuristic_config(problem)
+
+
+# Public launcher ------------------------------------------------------------------------------
 
 def fused_cam(
     activations: torch.Tensor,
@@ -425,86 +357,50 @@ def _fused_cam(
     normalize: bool,
     *,
     out: torch.Tensor | None = None,
-    config: triton.Config | None = None,
-    max_fused_block_hw: int = MAX_FUSED_BLOCK_HW,
-    split_block_hw: int = SPLIT_BLOCK_HW,
+    config: CamConfig | None = None,
 ) -> torch.Tensor:
-    """fused_cam with the tile choices exposed, so tests can force the split path on small maps.
+    """fused_cam with the tiling exposed: `config` replaces the table's choice (tests, sweeps)."""
+    for name, value in (("activations", activations), ("gradients", gradients)):
+        if not isinstance(value, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+    if not isinstance(method, str):
+        raise TypeError(f"method must be a string, one of {', '.join(METHODS)}; got {method!r}")
+    if out is not None and not isinstance(out, torch.Tensor):
+        raise TypeError(f"out must be a torch.Tensor, got {type(out).__name__}")
+    # Everything the plan depends on; a hit means these exact inputs were checked before.
+    key = (
+        activations.shape, activations.stride(), activations.dtype, activations.device,
+        gradients.shape, gradients.stride(), gradients.dtype, gradients.device,
+        method, bool(normalize), config,
+        None if out is None else (out.shape, out.stride(), out.dtype, out.device),
+    )
+    plan = _PLANS.get(key)
+    if plan is None:
+        gradients5 = _check_inputs(activations, gradients, method, out)
+        plan = _build_plan(activations, gradients5, method, bool(normalize), config)
+        if len(_PLANS) >= MAX_PLANS:
+            _PLANS.clear()
+        _PLANS[key] = plan
+    # A (B, C, H, W) gradient passes as is: the plan holds its strides, the kernels its pointer.
+    return _run(plan, activations, gradients, out)
 
-    `config` ({"BLOCK_C", "C_ITERS"}, num_warps) fixes the partial kernel's tiling instead of
-    autotuning it; under the interpreter it defaults to INTERPRETER_BLOCK_C channels.
-    """
-    gradients = _check_inputs(activations, gradients, method, out)
-    batch, targets, channels, height, width = gradients.shape
-    positions = height * width
-    device = activations.device
-    if out is None:
-        out = torch.empty((batch, targets, height, width), dtype=torch.float32, device=device)
-    if out.numel() == 0:
-        return out
-    if channels == 0:  # an empty channel sum is a zero map, and a zero map normalizes to zeros
-        return out.zero_()
-    if config is None and INTERPRETED and INTERPRETER_BLOCK_C:
-        config = triton.Config({"BLOCK_C": INTERPRETER_BLOCK_C, "C_ITERS": 1})
-    fixed = config is not None
 
-    block_hw, split = _position_block(positions, max_fused_block_hw, split_block_hw)
-    weights_from_buffer = split and method in _WEIGHTED_METHODS
-    channel_cap = min(triton.next_power_of_2(channels), 256)
+def plan_config(activations, gradients, method: str = "gradcam", normalize: bool = True) -> CamConfig | None:
+    """The config fused_cam would use for these inputs (None where nothing is launched)."""
+    gradients = check_cam_inputs(activations, gradients, method)
+    return _build_plan(activations, gradients, method, normalize, None).config
 
-    a_flat = _flat_spatial_stride(activations, 2, 3)
-    g_flat = _flat_spatial_stride(gradients, 3, 4)
-    a_strides = activations.stride()[:3] + (activations.stride(3) if a_flat is None else a_flat,)
-    g_strides = gradients.stride()[:4] + (gradients.stride(4) if g_flat is None else g_flat,)
-    common = dict(METHOD=METHOD_CODES[method], A_FLAT_HW=a_flat is not None, G_FLAT_HW=g_flat is not None)
-    shape_args = (channels, width, positions, targets)
 
-    if not fixed:
-        tune_key = (block_hw, channel_cap, channels, positions, targets, a_strides[1], g_strides[2],
-                    method, weights_from_buffer, activations.dtype, gradients.dtype)
-        config = _CHOSEN_CONFIGS.get(tune_key)
-    # Before the first tuning of a key, slots for the smallest channel group of any candidate;
-    # afterwards exactly the chosen config's.
-    candidates = [config] if config is not None else _partial_configs(block_hw, channel_cap)
-    n_slots = triton.cdiv(channels, min(c.kwargs["BLOCK_C"] * c.kwargs["C_ITERS"] for c in candidates))
-    scratch = functools.partial(torch.full, fill_value=float("nan")) if POISON_SCRATCH else torch.empty
-    partials = scratch((batch, targets, n_slots, positions), dtype=torch.float32, device=device)
-    weights = partials  # placeholder pointer, never read unless weights_from_buffer
-    n_position_blocks = triton.cdiv(positions, block_hw)
-
-    def weights_grid(meta):
-        return (batch, triton.cdiv(channels, meta["BLOCK_C"]))
-
-    def partial_grid(meta):
-        return (batch, triton.cdiv(channels, meta["BLOCK_C"] * meta["C_ITERS"]), n_position_blocks)
-
-    with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
-        if weights_from_buffer:
-            weights = scratch((batch, targets, channels), dtype=torch.float32, device=device)
-            args = (activations, gradients, weights) + shape_args + a_strides + g_strides
-            if fixed and INTERPRETED:  # no CUDA timer to tune with
-                kernel, tile = _cam_weights_kernel, {"BLOCK_C": config.kwargs["BLOCK_C"]}
-            else:
-                kernel, tile = _tuner("weights", _cam_weights_kernel, _weights_configs(channel_cap),
-                                      _WEIGHTS_KEY, (block_hw, channel_cap)), {}
-            kernel[weights_grid](*args, **common, **tile, BLOCK_HW=block_hw)
-
-        args = (activations, gradients, weights, partials) + shape_args + (n_slots,) + a_strides + g_strides
-        common.update(WEIGHTS_FROM_BUFFER=weights_from_buffer, BLOCK_HW=block_hw)
-        if config is None:
-            tuner = _tuner("partial", _cam_partial_kernel, candidates, _PARTIAL_KEY, (block_hw, channel_cap))
-            tuner[partial_grid](*args, **common)
-            config = _CHOSEN_CONFIGS[tune_key] = tuner.best_config
-        else:
-            launch = {} if INTERPRETED else {"num_warps": config.num_warps, "num_stages": config.num_stages}
-            _cam_partial_kernel[partial_grid](*args, **common, **config.kwargs, **launch)
-        n_used = triton.cdiv(channels, config.kwargs["BLOCK_C"] * config.kwargs["C_ITERS"])
-
-        finish_block_hw = min(triton.next_power_of_2(positions), max(max_fused_block_hw, split_block_hw))
-        finish_kwargs = {} if INTERPRETED else {"num_warps": 4 if finish_block_hw <= 1024 else 8}
-        _cam_finish_kernel[(batch * targets,)](
-            partials, out, positions, n_slots, n_used,
-            NORMALIZE=bool(normalize), SINGLE_BLOCK=finish_block_hw >= positions,
-            BLOCK_HW=finish_block_hw, **finish_kwargs,
-        )
-    return out
+def warmup_specs(activations, gradients, method: str, normalize: bool = True,
+                 config: CamConfig | None = None) -> list[tuple[str, tuple, tuple, dict]]:
+    """(kernel name, grid, arguments, keyword arguments) of every launch of such a call, with the
+    tensors replaced by their dtypes: `getattr(kernels.cam_kernels, name).warmup(*arguments,
+    grid=grid, **keywords)` compiles it without running it. Inputs may be meta tensors."""
+    gradients = check_cam_inputs(activations, gradients, method)
+    plan = _build_plan(activations, gradients, method, normalize, config)
+    dtypes = {"a": activations.dtype, "g": gradients.dtype}
+    specs = []
+    for launch in plan.launches:
+        arguments = tuple(dtypes.get(role, torch.float32) for role in launch.buffers) + launch.scalars
+        specs.append((launch.kernel.__name__, launch.grid, arguments, {**launch.constants, **launch.options}))
+    return specs

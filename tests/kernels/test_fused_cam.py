@@ -1,113 +1,48 @@
 """kernels.fused_cam against gradcam_batch.methods.compute_cam evaluated in float64.
 
 On CPU the kernels run under TRITON_INTERPRET=1 (tests/conftest.py sets it) with small B and C
-so the file stays fast on 2 cores; the full grid runs on a GPU (`gpu` marker).
+so the file stays fast on 2 cores. The default path takes its tiling from the config table or
+the heuristic; forced configs (`_fused_cam(config=...)`) reach every tiling on small shapes.
+The GPU tests (`gpu` marker) live in test_fused_cam_gpu.py, the helpers in cam_helpers.py.
 """
-
-import zlib
 
 import pytest
 import torch
-import triton
 
 import kernels.cam as kernels_cam
-from gradcam_batch.methods import METHODS, compute_cam
-from kernels import fused_cam
-from kernels.cam import (
-    MAX_FUSED_BLOCK_HW,
-    SPLIT_BLOCK_HW,
-    _fused_cam,
-    _partial_configs,
-    _position_block,
+from cam_helpers import (
+    DEVICE,
+    TOLERANCE,
+    assert_close,
+    check,
+    fresh_seed,
+    make_inputs,
+    poisoned_out,
+    reference,
 )
-
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+from gradcam_batch.methods import METHODS
+from kernels import fused_cam
+from kernels.cam import _fused_cam
+from kernels.cam_configs import CamConfig
 
 
 @pytest.fixture(autouse=True)
 def poison_scratch(monkeypatch):
-    """NaN-filled partial and weight buffers: reading a slot nobody wrote gives NaN maps."""
+    """NaN-filled partial and channel-sum buffers: reading a slot nobody wrote gives NaN maps."""
     monkeypatch.setattr(kernels_cam, "POISON_SCRATCH", True)
 
-
-# Max error on normalized maps (values in [0, 1]); raw maps are compared relative to their max.
-TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 2e-2, torch.float16: 5e-3}
 
 # (B, K, C, H, W) sized for the interpreter; each says why it is here.
 CPU_SHAPES = [
     pytest.param((2, 1, 3, 7, 7), id="K1-C3-7x7"),  # K = 1 and C smaller than one channel block
-    pytest.param((2, 3, 37, 7, 7), id="K3-C37-7x7"),  # odd C: the last channel block is partial
+    pytest.param((2, 3, 37, 7, 7), id="K3-C37-7x7"),  # odd C: one partial channel block
     pytest.param((2, 3, 5, 1, 1), id="K3-C5-1x1"),  # H = W = 1: one position, a constant map
-    pytest.param((2, 3, 64, 14, 14), id="K3-C64-14x14"),  # C a multiple of the block; HW = 196
+    pytest.param((2, 3, 64, 14, 14), id="K3-C64-14x14"),  # two channel groups: partial maps + finish
     pytest.param((1, 3, 37, 5, 9), id="K3-C37-5x9"),  # non-square: mixing up H and W shows
-    pytest.param((2, 1, 5, 28, 28), id="K1-C5-28x28"),  # 784 positions in a 1024 tile
-    pytest.param((1, 2, 5, 56, 56), id="K2-C5-56x56"),  # largest fused map in the benchmarks
-    pytest.param((1, 2, 5, 70, 70), id="K2-C5-70x70"),  # 4900 > 4096 positions: split path
+    pytest.param((2, 1, 5, 28, 28), id="K1-C5-28x28"),  # position tiles: channel sums + map pass
+    pytest.param((1, 2, 5, 56, 56), id="K2-C5-56x56"),  # several position tiles, one channel group
+    pytest.param((1, 2, 5, 70, 70), id="K2-C5-70x70"),  # 4900 positions: finish in several chunks
 ]
-
-# The GPU grid: real batch and channel counts, every shape (K = 1 and K = 3).
-GPU_SHAPES = [
-    pytest.param((8, 3, 37, 7, 7), id="C37-7x7"),  # odd C
-    pytest.param((8, 1, 512, 7, 7), id="K1-C512-7x7"),  # ResNet-50 layer4-like, many blocks
-    pytest.param((8, 3, 256, 1, 1), id="C256-1x1"),  # one position
-    pytest.param((8, 3, 512, 14, 14), id="C512-14x14"),  # HW = 196, not a multiple of 16
-    pytest.param((4, 3, 33, 5, 9), id="C33-5x9"),  # non-square, odd C
-    pytest.param((8, 3, 256, 28, 28), id="C256-28x28"),  # 1024-position tile
-    pytest.param((4, 3, 256, 56, 56), id="C256-56x56"),  # largest fused tile
-    pytest.param((2, 3, 64, 70, 70), id="C64-70x70"),  # split path
-    pytest.param((2, 1, 37, 64, 64), id="K1-C37-64x64"),  # exactly one 4096 tile
-]
-
-
-def make_inputs(shape, dtype, layout, seed, signed=False):
-    """Random A (post-ReLU-like unless `signed`) and G (B, K, C, H, W) in `layout`.
-
-    nchw: both contiguous. nhwc: channels_last A and per-image channels-last G.
-    kfirst: G produced as (K, B, C, H, W) and transposed, as a batched backward returns it.
-    """
-    batch, targets, channels, height, width = shape
-    generator = torch.Generator().manual_seed(seed)
-    activations = torch.randn(batch, channels, height, width, generator=generator)
-    if not signed:
-        activations = activations.relu()
-    gradients = torch.randn(batch, targets, channels, height, width, generator=generator)
-    activations = activations.to(device=DEVICE, dtype=dtype)
-    gradients = gradients.to(device=DEVICE, dtype=dtype)
-    if layout == "nhwc":
-        activations = activations.contiguous(memory_format=torch.channels_last)
-        gradients = gradients.permute(0, 1, 3, 4, 2).contiguous().permute(0, 1, 4, 2, 3)
-    elif layout == "kfirst":
-        gradients = gradients.transpose(0, 1).contiguous().transpose(0, 1)
-    return activations, gradients
-
-
-def reference(activations, gradients, method, normalize):
-    """The oracle: float64 evaluation of the (already dtype-rounded) inputs."""
-    return compute_cam(activations.double(), gradients.double(), method, normalize, dtype=torch.float64)
-
-
-def poisoned_out(shape):
-    batch, targets, _, height, width = shape
-    return torch.full((batch, targets, height, width), float("nan"), device=DEVICE)
-
-
-def assert_close(result, expected, normalize, tolerance):
-    assert result.dtype == torch.float32 and result.is_contiguous()
-    assert result.shape == expected.shape
-    assert not torch.isnan(result).any(), "NaN in the result (unwritten or 0/0)"
-    error = (result.double() - expected).abs().flatten(-2)
-    if not normalize:  # raw values scale with C: compare relative to each map's max
-        error = error / expected.abs().flatten(-2).amax(-1, keepdim=True).clamp_min(1e-12)
-    assert error.max().item() <= tolerance, f"max error {error.max().item():.3g} > {tolerance}"
-
-
-def check(shape, method, dtype, layout, normalize, seed, launch=fused_cam, **kwargs):
-    activations, gradients = make_inputs(shape, dtype, layout, seed, signed=kwargs.pop("signed", False))
-    out = poisoned_out(shape)
-    result = launch(activations, gradients, method, normalize, out=out, **kwargs)
-    assert result is out
-    expected = reference(activations, gradients, method, normalize)
-    assert_close(result, expected, normalize, TOLERANCE[dtype])
 
 
 @pytest.mark.parametrize("normalize", [True, False], ids=["norm", "raw"])
@@ -116,8 +51,62 @@ def check(shape, method, dtype, layout, normalize, seed, launch=fused_cam, **kwa
 @pytest.mark.parametrize("shape", CPU_SHAPES)
 @pytest.mark.parametrize("method", METHODS)
 def test_matches_reference(method, shape, dtype, layout, normalize):
-    seed = zlib.crc32(f"{method}-{shape}-{dtype}-{layout}-{normalize}".encode())  # fresh, stable
-    check(shape, method, dtype, layout, normalize, seed)
+    check(shape, method, dtype, layout, normalize, fresh_seed(method, shape, dtype, layout, normalize))
+
+
+# Forced tilings: every path of the kernels on shapes the interpreter runs quickly. Each config
+# says what it reaches; the shapes put tile boundaries inside the map and the channel range.
+FORCED = [
+    # Whole map per tile, 5 channel groups of 8: partial maps, the finish sums 5 slots.
+    pytest.param((2, 3, 37, 7, 7), CamConfig("whole", 8, 1, 64, 2), id="whole-groups"),
+    # 3 channel blocks per program (C_ITERS) with K = 3: the targets loop outside the blocks.
+    pytest.param((2, 3, 37, 7, 7), CamConfig("whole", 4, 3, 64, 1), id="whole-c_iters"),
+    # One program holds every channel and the whole map: it normalizes and writes final maps.
+    pytest.param((2, 2, 37, 5, 9), CamConfig("whole", 64, 1, 64, 4), id="whole-direct"),
+    # Position tiles of 16 over 99 positions (last tile partial), 3 channel groups of 2 x 8,
+    # channel sums in splits of 2 x 8 positions (7 splits, the last partial).
+    pytest.param((1, 2, 37, 9, 11), CamConfig("tiled", 8, 2, 16, 2, 8, 8, 2, 1), id="tiled-groups"),
+    # One channel group over several position tiles: the finish only normalizes (one slot),
+    # or, raw, the map pass writes the final maps itself.
+    pytest.param((2, 2, 20, 9, 11), CamConfig("tiled", 16, 2, 32, 1, 16, 32, 1, 1), id="tiled-one-group"),
+    # Channel sums over 3 blocks of 4 positions per split: a split size that is no power of two.
+    pytest.param((1, 3, 21, 7, 6), CamConfig("tiled", 8, 1, 8, 1, 4, 4, 3, 1), id="tiled-odd-splits"),
+]
+
+
+@pytest.mark.parametrize("normalize", [True, False], ids=["norm", "raw"])
+@pytest.mark.parametrize("layout", ["nchw", "nhwc"])
+@pytest.mark.parametrize("shape, config", FORCED)
+@pytest.mark.parametrize("method", METHODS)
+def test_forced_tilings(method, shape, config, layout, normalize):
+    seed = fresh_seed(method, shape, config, layout, normalize)
+    check(shape, method, torch.float32, layout, normalize, seed, launch=_fused_cam, config=config)
+
+
+@pytest.mark.parametrize("normalize", [True, False], ids=["norm", "raw"])
+@pytest.mark.parametrize("method", METHODS)
+def test_forced_tilings_bf16(method, normalize):
+    # bf16 loads on the position-tiled path with channel sums (fp32 paths are above).
+    check((1, 2, 37, 9, 11), method, torch.bfloat16, "nhwc", normalize, seed=fresh_seed(method, normalize),
+          launch=_fused_cam, config=CamConfig("tiled", 8, 2, 16, 2, 8, 8, 2, 1))
+
+
+@pytest.mark.parametrize("normalize", [True, False], ids=["norm", "raw"])
+@pytest.mark.parametrize("method", ["gradcam", "xgradcam", "layercam"])
+def test_finish_in_slot_and_position_chunks(method, normalize, monkeypatch):
+    # Finish tiles of 2 slots x 16 positions: it loops over slot chunks (5 groups) and over
+    # position chunks (63 positions), and normalizes in two passes.
+    monkeypatch.setattr(kernels_cam, "_FINISH_MAX_SLOTS", 2)
+    monkeypatch.setattr(kernels_cam, "_FINISH_TILE", 32)
+    monkeypatch.setattr(kernels_cam, "_PLANS", {})
+    check((1, 2, 37, 7, 9), method, torch.float32, "nchw", normalize, seed=fresh_seed(method, normalize),
+          launch=_fused_cam, config=CamConfig("whole", 8, 1, 64, 2))
+
+
+def test_more_slots_than_one_finish_load():
+    # 130 channels in groups of 2: 65 partial maps, more than the 64 the finish loads at once.
+    check((1, 1, 130, 1, 1), "gradcam", torch.float32, "nchw", True, seed=21, launch=_fused_cam,
+          config=CamConfig("whole", 2, 1, 1, 1))
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -138,10 +127,12 @@ def test_transposed_gradient_view_and_mixed_dtypes(method, normalize):
     assert_close(result, reference(activations, gradients, method, normalize), normalize, 1e-4)
 
 
+@pytest.mark.parametrize("shape", [(2, 2, 5, 14, 7), (1, 2, 5, 40, 20)], ids=["whole", "tiled"])
 @pytest.mark.parametrize("method", METHODS)
-def test_strides_that_do_not_collapse(method):
-    # Every other row of a larger map: stride_h != W * stride_w, so (H, W) are indexed apart.
-    activations, gradients = make_inputs((2, 2, 5, 14, 7), torch.float32, "nchw", seed=3)
+def test_strides_that_do_not_collapse(method, shape):
+    # Every other row of a larger map: stride_h != W * stride_w, so (H, W) are indexed apart
+    # (layout "other"), on the whole-map path and on the position-tiled one (20 x 20 maps).
+    activations, gradients = make_inputs(shape, torch.float32, "nchw", seed=3)
     activations, gradients = activations[:, :, ::2], gradients[:, :, :, ::2]
     result = fused_cam(activations, gradients, method)
     assert_close(result, reference(activations, gradients, method, True), True, 1e-4)
@@ -169,56 +160,14 @@ def test_signed_activations(method):
     check((2, 3, 37, 7, 7), method, torch.float32, "nchw", True, seed=4, signed=True)
 
 
-@pytest.mark.parametrize("normalize", [True, False], ids=["norm", "raw"])
-@pytest.mark.parametrize("shape", [(2, 3, 37, 7, 7), (1, 2, 5, 9, 11)], ids=["7x7", "9x11"])
-@pytest.mark.parametrize("method", METHODS)
-def test_forced_split_path(method, shape, normalize):
-    # 16-position tiles: several position blocks, the weights kernel and a chunked finish.
-    check(shape, method, torch.float32, "nhwc", normalize, seed=5, launch=_fused_cam,
-          max_fused_block_hw=16, split_block_hw=16)
-
-
-@pytest.mark.parametrize("method", METHODS)
-def test_several_channel_blocks_per_program(method):
-    # C_ITERS > 1: 37 channels in groups of 3 x 4, the last group partial.
-    check((2, 3, 37, 7, 7), method, torch.float32, "nchw", True, seed=6, launch=_fused_cam,
-          config=triton.Config({"BLOCK_C": 4, "C_ITERS": 3}))
-
-
-class FakeTuner:
-    """Stands in for triton.autotune, which needs a CUDA timer: 'chooses' the candidate with the
-    largest channel group, so the chosen config uses fewer partial slots than were allocated."""
-
-    def __init__(self, kernel, configs):
-        self.kernel, self.configs, self.best_config = kernel, configs, None
-
-    def __getitem__(self, grid):
-        def launch(*args, **kwargs):
-            self.best_config = max(self.configs, key=lambda c: c.kwargs["BLOCK_C"] * c.kwargs.get("C_ITERS", 1))
-            self.kernel[grid](*args, **kwargs, **self.best_config.kwargs)
-
-        return launch
-
-
-@pytest.mark.parametrize("method", ["gradcam", "xgradcam", "layercam"])
-def test_tuned_launch_path(method, monkeypatch):
-    # The GPU path: tune once into a buffer sized for any candidate, then reuse the choice.
-    module = kernels_cam
-    monkeypatch.setattr(module, "INTERPRETER_BLOCK_C", None)
-    monkeypatch.setattr(module, "_tuner", lambda name, kernel, configs, key, cache_key: FakeTuner(kernel, configs))
-    monkeypatch.setattr(module, "_CHOSEN_CONFIGS", {})
-    for shape in [(2, 3, 37, 7, 7), (1, 2, 5, 70, 70)]:  # fused and split path
-        for _ in range(2):  # the first call tunes, the second launches the chosen config
-            check(shape, method, torch.float32, "nhwc", True, seed=12)
-    assert len(module._CHOSEN_CONFIGS) == 2
-
-
+@pytest.mark.parametrize("config", [None, CamConfig("tiled", 4, 1, 16, 1, 4, 16, 1, 1)], ids=["default", "tiled"])
 @pytest.mark.parametrize("normalize", [True, False], ids=["norm", "raw"])
 @pytest.mark.parametrize("method", METHODS)
-def test_zero_gradients_give_zero_maps_not_nan(method, normalize):
+def test_zero_gradients_give_zero_maps_not_nan(method, normalize, config):
     activations, _ = make_inputs((2, 3, 5, 7, 7), torch.float32, "nchw", seed=7)
     gradients = torch.zeros(2, 3, 5, 7, 7, device=DEVICE)
-    result = fused_cam(activations, gradients, method, normalize, out=poisoned_out((2, 3, 5, 7, 7)))
+    result = _fused_cam(activations, gradients, method, normalize, out=poisoned_out((2, 3, 5, 7, 7)),
+                        config=config)
     assert torch.equal(result, torch.zeros_like(result))
 
 
@@ -227,6 +176,68 @@ def test_empty_batch_and_no_channels():
     assert fused_cam(activations[:0], gradients[:0]).shape == (0, 3, 7, 7)
     no_channels = fused_cam(activations[:, :0], gradients[:, :, :0])
     assert torch.equal(no_channels, torch.zeros(2, 3, 7, 7, device=DEVICE))
+
+
+# ------------------------------------------------------------------------------------------
+# Launch plans: built once per call signature
+# ------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def counted_plans(monkeypatch):
+    """Count plan builds and input checks, starting from an empty plan cache."""
+    counts = {"plans": 0, "checks": 0}
+    build, check_inputs = kernels_cam._build_plan, kernels_cam._check_inputs
+
+    def counted_build(*args, **kwargs):
+        counts["plans"] += 1
+        return build(*args, **kwargs)
+
+    def counted_check(*args, **kwargs):
+        counts["checks"] += 1
+        return check_inputs(*args, **kwargs)
+
+    monkeypatch.setattr(kernels_cam, "_PLANS", {})
+    monkeypatch.setattr(kernels_cam, "_build_plan", counted_build)
+    monkeypatch.setattr(kernels_cam, "_check_inputs", counted_check)
+    return counts
+
+
+def test_repeated_calls_reuse_the_plan(counted_plans):
+    activations, gradients = make_inputs((2, 3, 37, 7, 7), torch.float32, "nhwc", seed=15)
+    first = fused_cam(activations, gradients, "gradcam")
+    for _ in range(3):
+        assert torch.equal(fused_cam(activations, gradients, "gradcam"), first)
+    assert counted_plans == {"plans": 1, "checks": 1}
+    # Other values with the same shapes, strides and dtypes share the plan too.
+    other_activations, other_gradients = make_inputs((2, 3, 37, 7, 7), torch.float32, "nhwc", seed=16)
+    result = fused_cam(other_activations, other_gradients, "gradcam")
+    assert_close(result, reference(other_activations, other_gradients, "gradcam", True), True, 1e-4)
+    assert counted_plans["plans"] == 1
+
+
+def test_a_changed_signature_gets_its_own_plan(counted_plans):
+    activations, gradients = make_inputs((2, 3, 37, 7, 7), torch.float32, "nchw", seed=17)
+    nhwc_activations, nhwc_gradients = make_inputs((2, 3, 37, 7, 7), torch.float32, "nhwc", seed=17)
+    calls = [
+        (activations, gradients, "gradcam", True),
+        (activations, gradients, "gradcam", False),  # normalize
+        (activations, gradients, "layercam", True),  # method
+        (nhwc_activations, nhwc_gradients, "gradcam", True),  # strides
+        (activations.to(torch.bfloat16), gradients, "gradcam", True),  # dtype
+        (activations[:1], gradients[:1], "gradcam", True),  # shape
+    ]
+    for activations_, gradients_, method, normalize in calls:
+        result = fused_cam(activations_, gradients_, method, normalize)
+        assert_close(result, reference(activations_, gradients_, method, normalize), normalize, 1e-4)
+    assert counted_plans["plans"] == len(calls)
+
+
+def test_bad_out_is_caught_even_after_a_plan_exists():
+    activations, gradients = make_inputs((2, 3, 5, 7, 7), torch.float32, "nchw", seed=18)
+    fused_cam(activations, gradients)
+    with pytest.raises(ValueError, match="shape"):
+        fused_cam(activations, gradients, out=torch.empty(2, 3, 7, 8, device=DEVICE))
 
 
 # ------------------------------------------------------------------------------------------
@@ -274,69 +285,15 @@ def test_bad_out_raises(out, message):
         fused_cam(*good_inputs(), out=out.to(DEVICE))
 
 
+def test_config_that_cannot_run_the_problem_is_refused():
+    activations, gradients = good_inputs()
+    with pytest.raises(ValueError, match="whole map"):
+        _fused_cam(activations, gradients, "gradcam", True, config=CamConfig("whole", 8, 1, 16, 1))
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU refusal")
 def test_cpu_without_interpreter_is_refused(monkeypatch):
     monkeypatch.setattr(kernels_cam, "INTERPRETED", False)
+    monkeypatch.setattr(kernels_cam, "_PLANS", {})
     with pytest.raises(ValueError, match="needs CUDA tensors or TRITON_INTERPRET=1"):
         fused_cam(*good_inputs())
-
-
-# ------------------------------------------------------------------------------------------
-# GPU: the full grid with fixed tile configs (one compile per case), then the autotuned path
-# ------------------------------------------------------------------------------------------
-
-GPU_LAYOUTS = [
-    pytest.param(torch.bfloat16, "nhwc", id="bf16-nhwc"),  # what the engine hands over on CUDA
-    pytest.param(torch.float32, "nchw", id="fp32-nchw"),
-]
-GPU_EXTRA_LAYOUTS = [
-    pytest.param(torch.float16, "kfirst", id="fp16-kfirst"),  # batched-backward gradient view
-    pytest.param(torch.bfloat16, "nchw", id="bf16-nchw"),
-]
-
-
-def gpu_grid_case(shape, method, dtype, layout):
-    # Cycle through the autotuner's candidates (all tile sizes, C_ITERS > 1) across the grid.
-    block_hw, _ = _position_block(shape[3] * shape[4], MAX_FUSED_BLOCK_HW, SPLIT_BLOCK_HW)
-    candidates = _partial_configs(block_hw, min(triton.next_power_of_2(shape[2]), 256))
-    seed = zlib.crc32(f"{shape}-{method}-{dtype}-{layout}".encode())
-    for normalize in (True, False):
-        check(shape, method, dtype, layout, normalize, seed, launch=_fused_cam,
-              config=candidates[seed % len(candidates)])
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("dtype, layout", GPU_LAYOUTS)
-@pytest.mark.parametrize("shape", GPU_SHAPES)
-@pytest.mark.parametrize("method", METHODS)
-def test_gpu_grid(method, shape, dtype, layout):
-    gpu_grid_case(shape, method, dtype, layout)
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("dtype, layout", GPU_EXTRA_LAYOUTS)
-@pytest.mark.parametrize("shape", GPU_SHAPES)
-@pytest.mark.parametrize("method", ["gradcam", "gradcampp"])
-def test_gpu_grid_other_layouts(method, shape, dtype, layout):
-    gpu_grid_case(shape, method, dtype, layout)
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("layout", ["nchw", "nhwc"])
-@pytest.mark.parametrize(
-    "shape",
-    [(8, 3, 512, 7, 7), (8, 3, 256, 14, 14), (4, 3, 128, 28, 28), (2, 3, 64, 56, 56), (2, 2, 32, 70, 70)],
-    ids=["7x7", "14x14", "28x28", "56x56", "70x70"],
-)
-def test_gpu_autotuned(shape, layout):
-    # The public path: autotune on the first call, the chosen config on the second.
-    for _ in range(2):
-        check(shape, "gradcam", torch.bfloat16, layout, True, seed=13)
-
-
-@pytest.mark.gpu
-def test_gpu_deterministic():
-    activations, gradients = make_inputs((8, 5, 512, 14, 14), torch.bfloat16, "nhwc", seed=11)
-    first = fused_cam(activations, gradients, "gradcam", normalize=False)
-    for _ in range(3):
-        assert torch.equal(fused_cam(activations, gradients, "gradcam", normalize=False), first)
