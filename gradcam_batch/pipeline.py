@@ -307,12 +307,12 @@ def _process(cfg: Config, resolved: dict, device, channels_last, engine: CamEngi
     preprocess = Preprocess(cfg.data.mean, cfg.data.std, device, channels_last)
     mode = cfg.data.decode
     if mode == "auto":
-        mode = "mixed" if device.type == "cuda" else "workers"
+        # Measured on an H100 with 15 workers (benchmarks/results/h100-decode-modes-2026-11-27.md):
+        # the workers alone fed ResNet-50 and ResNet-152 faster than any share of device decoding,
+        # which takes its SMs from the model.
+        mode = "workers"
     decoder = DeviceDecoder(cfg.data.resize, cfg.data.crop, device) if mode in ("device", "mixed") else None
-    # Start the device on a bit over half of the JPEGs: measured on an H100 with 15 workers, the
-    # device alone fed ResNet-50 at 0.66x its forward and half-and-half at 0.85x; the balance
-    # then moves the share towards whichever side has slack.
-    balance = DecodeBalance(share=0.6) if mode == "mixed" else None
+    balance = DecodeBalance(share=cfg.data.device_share) if mode == "mixed" else None
     loader = build_loader(todo, cfg.data, pin_memory=device.type == "cuda", device_decode=decoder is not None,
                           balance=balance)
     images = rows = errors = hits = pointed = 0

@@ -18,6 +18,10 @@ from gradcam_batch.config import CamConfig, DataConfig, ModelConfig, RuntimeConf
     (lambda: CamConfig(targets="topk", topk=0), "cam.topk=0"),
     (lambda: CamConfig(targets="classes"), "needs cam.classes"),
     (lambda: CamConfig(targets="classes", classes=[-1]), "cam.classes"),
+    (lambda: DataConfig(device_share=1.5), "data.device_share=1.5"),
+    (lambda: DataConfig(device_share=-0.1), "data.device_share=-0.1"),
+    (lambda: DataConfig(decode="gpu"), "data.decode='gpu'"),
+    (lambda: DataConfig(unit_size=0), "data.unit_size=0"),
     (lambda: RuntimeConfig(device="tpu"), "runtime.device='tpu'"),
     (lambda: RuntimeConfig(amp="fp8"), "runtime.amp='fp8'"),
 ])
