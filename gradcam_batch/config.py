@@ -29,6 +29,20 @@ def _choice(name: str, value: Any, allowed: tuple) -> None:
         raise UserError(f"{name}={value!r} is not valid; use one of: {', '.join(allowed)}")
 
 
+def _parquet_codec(name: Any) -> bool:
+    """Whether pyarrow can write Parquet with this compression name ("none": uncompressed)."""
+    if not isinstance(name, str):
+        return False
+    if name.lower() == "none":
+        return True
+    import pyarrow
+
+    try:
+        return pyarrow.Codec.is_available(name)
+    except (ValueError, TypeError):  # pyarrow raises ArrowInvalid (a ValueError) for unknown names
+        return False
+
+
 def _at_least(name: str, value: int, low: int) -> None:
     if value is None or value < low:
         raise UserError(f"{name}={value!r} is not valid; it must be an integer >= {low}")
@@ -82,6 +96,12 @@ class DataConfig:
     """data.decode=mixed: the share of JPEGs the device decodes at the start (the workers decode
     the rest); the run then moves it towards whichever side has slack. Device decoding shares
     the GPU with the model, so a small share is the safe start."""
+    max_bytes: int = 256 * 2**20
+    """Encoded images (tar members, files, Parquet cells) larger than this many bytes become
+    error rows, refused from the header or file size before they are read. Default 256 MiB."""
+    follow_links: bool = False
+    """imagefolder: also read images and class folders that are symbolic links leading outside
+    data.root (links inside the root are always followed; only regular files are ever read)."""
     max_pixels: int = 89_478_485
     """Images with more pixels than this (decompression bombs) become error rows. Default:
     Pillow's limit (about 9459 x 9459)."""
@@ -96,6 +116,7 @@ class DataConfig:
         _at_least("data.resize", self.resize, 1)
         _at_least("data.crop", self.crop, 1)
         _at_least("data.max_pixels", self.max_pixels, 1)
+        _at_least("data.max_bytes", self.max_bytes, 1)
         if not isinstance(self.device_share, (int, float)) or not 0.0 <= self.device_share <= 1.0:
             raise UserError(f"data.device_share={self.device_share!r} is not valid; it must be between 0 and 1")
         if self.crop > self.resize:
@@ -184,6 +205,10 @@ class OutputConfig:
 
     def __post_init__(self) -> None:
         _at_least("output.queue_size", self.queue_size, 1)
+        if not _parquet_codec(self.compression):
+            known = [codec for codec in ("zstd", "snappy", "gzip", "brotli", "lz4", "none") if _parquet_codec(codec)]
+            raise UserError(f"output.compression={self.compression!r} is not a Parquet codec this pyarrow has; "
+                            f"use one of: {', '.join(known)}")
 
 
 @dataclass
@@ -198,8 +223,12 @@ class RuntimeConfig:
     """Show a progress bar."""
     threads: int = 0
     """Torch intra-op threads on CPU (0 keeps torch's default)."""
+    dist_timeout_minutes: int = 30
+    """torchrun: how long a rank waits for the others at a collective (start, end of the run)
+    before the job stops with an error naming the ranks that did not arrive."""
 
     def __post_init__(self) -> None:
+        _at_least("runtime.dist_timeout_minutes", self.dist_timeout_minutes, 1)
         _choice("runtime.device", self.device, DEVICES)
         _choice("runtime.amp", self.amp, AMP_MODES)
         _at_least("runtime.threads", self.threads, 0)

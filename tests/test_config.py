@@ -3,7 +3,7 @@
 import pytest
 
 from gradcam_batch import UserError
-from gradcam_batch.config import CamConfig, DataConfig, ModelConfig, RuntimeConfig
+from gradcam_batch.config import CamConfig, DataConfig, ModelConfig, OutputConfig, RuntimeConfig
 
 
 @pytest.mark.parametrize("make, message", [
@@ -22,6 +22,9 @@ from gradcam_batch.config import CamConfig, DataConfig, ModelConfig, RuntimeConf
     (lambda: DataConfig(device_share=-0.1), "data.device_share=-0.1"),
     (lambda: DataConfig(decode="gpu"), "data.decode='gpu'"),
     (lambda: DataConfig(unit_size=0), "data.unit_size=0"),
+    (lambda: DataConfig(max_bytes=0), "data.max_bytes=0"),
+    (lambda: OutputConfig(compression="bogus"), "output.compression='bogus'"),
+    (lambda: RuntimeConfig(dist_timeout_minutes=0), "runtime.dist_timeout_minutes=0"),
     (lambda: RuntimeConfig(device="tpu"), "runtime.device='tpu'"),
     (lambda: RuntimeConfig(amp="fp8"), "runtime.amp='fp8'"),
 ])
@@ -33,6 +36,7 @@ def test_bad_values_are_named(make, message):
 
 def test_defaults_are_valid_and_num_targets():
     DataConfig(), ModelConfig(), RuntimeConfig()
+    OutputConfig(compression="none"), OutputConfig(compression="snappy")
     assert CamConfig().num_targets == 1
     assert CamConfig(targets="topk", topk=4).num_targets == 4
     assert CamConfig(targets="classes", classes=[1, 2]).num_targets == 2
