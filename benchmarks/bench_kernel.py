@@ -1,4 +1,4 @@
-"""Time kernels.fused_cam against the eager and torch.compile'd PyTorch composites, or sweep
+"""Time gradcam_batch.kernels.fused_cam against the eager and torch.compile'd PyTorch composites, or sweep
 its tile configs and write the table that fused_cam reads.
 
     python benchmarks/bench_kernel.py [--methods all|gradcam,layercam] [--shapes 256x2048x7x7,...]
@@ -11,7 +11,7 @@ G from a batched backward, i.e. (K, B, C, H, W) transposed to (B, K, C, H, W) (p
 channels_last for nhwc). Every provider is timed as back-to-back calls captured in a CUDA
 graph (GPU time, median of several replays):
 
-    fused     kernels.fused_cam with the config table (GRADCAM_BATCH_KERNEL_TABLE, if set), timed
+    fused     gradcam_batch.kernels.fused_cam with the config table (GRADCAM_BATCH_KERNEL_TABLE, if set), timed
               in --repeats fresh processes one after the other: the median and the spread
               (max - min) / median between processes. "launches" is the same call in a plain
               loop, without a graph: the larger of GPU time and host time per call.
@@ -21,7 +21,7 @@ graph (GPU time, median of several replays):
               compiles run in parallel worker processes before any timing; the workers then
               take turns on the GPU, so compile time never overlaps a measurement.
 
-Kernels are compiled ahead of time in parallel processes (kernels.cam_warmup), so no timed
+Kernels are compiled ahead of time in parallel processes (gradcam_batch.kernels.cam_warmup), so no timed
 process compiles. GB/s counts the bytes any implementation must move: A and G read once, the
 fp32 CAM written once. The device-to-device copy bandwidth (1 GiB, read + write) is measured in
 the same run. --budget-seconds stops starting new work when the budget is spent; the table then
@@ -30,7 +30,7 @@ says what is missing. --out writes the markdown (card, versions, date) to benchm
 their configs and the compile specs, and exits 0.
 
 --sweep: for every bucket of the grid (shape, layout, K, method family with one representative
-method), time up to 6 candidate configs (kernels.cam_configs.candidate_configs), check each
+method), time up to 6 candidate configs (gradcam_batch.kernels.cam_configs.candidate_configs), check each
 against the eager result, and write the fastest per bucket as a table in the format of
 kernels/cam_table.json. Evaluate it with GRADCAM_BATCH_KERNEL_TABLE=PATH, then commit it there.
 """
@@ -129,7 +129,7 @@ def cases(args) -> list[tuple]:
 
 def sweep_buckets(args) -> list[tuple]:
     """(bucket, shape, layout, K, representative method), one per bucket of the grid."""
-    from kernels.cam_configs import FAMILIES, Problem
+    from gradcam_batch.kernels.cam_configs import FAMILIES, Problem
 
     buckets = {}
     for shape in args.shapes:
@@ -173,7 +173,7 @@ def write_output(path_text: str, lines: list[str], title: str) -> None:
 def environment_lines(device) -> list[str]:
     import triton
 
-    from kernels.cam_configs import table_path
+    from gradcam_batch.kernels.cam_configs import table_path
 
     return [
         f"- date: {datetime.datetime.now().astimezone().isoformat(timespec='seconds')}",
@@ -185,7 +185,7 @@ def environment_lines(device) -> list[str]:
 
 
 def precompile_cases(specs: list, workers: int) -> None:
-    from kernels.cam_warmup import precompile
+    from gradcam_batch.kernels.cam_warmup import precompile
 
     started = time.time()
     try:
@@ -203,8 +203,8 @@ def precompile_cases(specs: list, workers: int) -> None:
 # Dry run ---------------------------------------------------------------------------------------
 
 def dry_run(args, reason: str) -> int:
-    from kernels.cam import plan_config, warmup_specs
-    from kernels.cam_configs import candidate_configs, Problem
+    from gradcam_batch.kernels.cam import plan_config, warmup_specs
+    from gradcam_batch.kernels.cam_configs import candidate_configs, Problem
     from kernel_workers import config_label
 
     specs = []
@@ -378,7 +378,7 @@ def benchmark(args) -> int:
     all_cases = cases(args)
     budget = Budget(args.budget_seconds)
     device = torch.device("cuda")
-    from kernels.cam import warmup_specs
+    from gradcam_batch.kernels.cam import warmup_specs
 
     context = multiprocessing.get_context("spawn")
     gpu_lock = context.Lock()

@@ -26,8 +26,8 @@ from kernel_timing import graph_time, make_inputs, meta_inputs
 def sweep(args) -> int:
     from gradcam_batch.methods import compute_cam
     from kernel_workers import config_label
-    from kernels import cam_configs
-    from kernels.cam import _fused_cam, warmup_specs
+    from gradcam_batch.kernels import cam_configs
+    from gradcam_batch.kernels.cam import _fused_cam, warmup_specs
 
     budget = Budget(args.budget_seconds)
     device = torch.device("cuda")
@@ -42,7 +42,7 @@ def sweep(args) -> int:
     precompile_cases(specs, os.cpu_count() or 1)
 
     lines = environment_lines(device) + [
-        "- sweep: per bucket, the candidate configs of kernels.cam_configs.candidate_configs timed with "
+        "- sweep: per bucket, the candidate configs of gradcam_batch.kernels.cam_configs.candidate_configs timed with "
         f"CUDA graphs on the grid shape, one method per family ({', '.join(SWEEP_METHODS.values())})",
         "",
         "| bucket | shape | method | heuristic ms | best ms | gain | best config | candidates |",

@@ -39,7 +39,7 @@ def run_fused_process(cases_path: str, result_path: str, deadline: float, with_r
     """Time fused_cam (CUDA graph and plain launches) on each case until `deadline`; write the
     results after every case, so a process stopped early still leaves what it measured."""
     from gradcam_batch.methods import compute_cam
-    from kernels.cam import fused_cam, plan_config
+    from gradcam_batch.kernels.cam import fused_cam, plan_config
 
     cases = [tuple(case) for case in json.loads(Path(cases_path).read_text())]
     device = torch.device("cuda")

@@ -17,7 +17,8 @@ from omegaconf import DictConfig, OmegaConf
 from gradcam_batch import UserError
 from gradcam_batch.config import register_configs
 
-CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+# The configs ship inside the package, so an installed wheel finds them wherever it runs.
+CONFIG_DIR = str(Path(__file__).resolve().parent / "conf")
 
 register_configs()
 

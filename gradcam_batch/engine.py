@@ -110,12 +110,12 @@ class CamEngine:
         if requested == "torch" or (requested == "auto" and device.type != "cuda"):
             return "torch"
         try:
-            import kernels  # noqa: F401  (Triton is optional off CUDA)
+            import gradcam_batch.kernels  # noqa: F401  (Triton is optional off CUDA)
         except ImportError as error:
             if requested == "triton":
                 raise UserError(f"cam.backend=triton needs Triton ({error}); use cam.backend=torch") from error
             return "torch"
-        from kernels.cam import INTERPRETED  # the kernels' own reading of TRITON_INTERPRET
+        from gradcam_batch.kernels.cam import INTERPRETED  # the kernels' own reading of TRITON_INTERPRET
 
         if device.type != "cuda" and not INTERPRETED:
             raise UserError("cam.backend=triton needs a CUDA device (or TRITON_INTERPRET=1); "
@@ -164,7 +164,7 @@ class CamEngine:
 
     def _cams(self, activation: torch.Tensor, gradients: torch.Tensor) -> torch.Tensor:
         if self.backend == "triton":
-            from kernels import fused_cam
+            from gradcam_batch.kernels import fused_cam
 
             return fused_cam(activation, gradients, self.cfg.method, normalize=self.cfg.normalize)
         return compute_cam(activation, gradients, self.cfg.method, normalize=self.cfg.normalize)

@@ -1,7 +1,7 @@
 """Fused class-activation maps: channel weights, weighted channel sum, ReLU, min-max, in Triton.
 
-`fused_cam` is the public launcher of the kernels in `kernels.cam_kernels` (their docstring
-explains the passes). It checks the inputs, picks a tiling from `kernels.cam_configs` (the
+`fused_cam` is the public launcher of the kernels in `gradcam_batch.kernels.cam_kernels` (their docstring
+explains the passes). It checks the inputs, picks a tiling from `gradcam_batch.kernels.cam_configs` (the
 committed table, a heuristic for other buckets, or an opt-in autotune cached on disk) and
 launches 1-4 kernels. Everything that depends only on shapes, strides, dtypes, device, method
 and normalize (the checks, the config, grids, scratch sizes) is a launch plan built once per
@@ -20,9 +20,9 @@ import torch
 import triton
 
 from gradcam_batch.methods import METHODS, check_cam_inputs
-from kernels import cam_configs
-from kernels.cam_configs import CamConfig, Problem
-from kernels.cam_kernels import (
+from gradcam_batch.kernels import cam_configs
+from gradcam_batch.kernels.cam_configs import CamConfig, Problem
+from gradcam_batch.kernels.cam_kernels import (
     INTERPRETED,
     METHOD_CODES,
     SUMS_OF_A,
@@ -394,7 +394,7 @@ def plan_config(activations, gradients, method: str = "gradcam", normalize: bool
 def warmup_specs(activations, gradients, method: str, normalize: bool = True,
                  config: CamConfig | None = None) -> list[tuple[str, tuple, tuple, dict]]:
     """(kernel name, grid, arguments, keyword arguments) of every launch of such a call, with the
-    tensors replaced by their dtypes: `getattr(kernels.cam_kernels, name).warmup(*arguments,
+    tensors replaced by their dtypes: `getattr(gradcam_batch.kernels.cam_kernels, name).warmup(*arguments,
     grid=grid, **keywords)` compiles it without running it. Inputs may be meta tensors."""
     gradients = check_cam_inputs(activations, gradients, method)
     plan = _build_plan(activations, gradients, method, normalize, config)

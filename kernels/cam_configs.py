@@ -1,4 +1,4 @@
-"""Tile configurations of `kernels.cam.fused_cam`: which tiling each problem gets, decided
+"""Tile configurations of `gradcam_batch.kernels.cam.fused_cam`: which tiling each problem gets, decided
 without tuning at run time and the same in every process.
 
 A problem is bucketed by channel count, map size, target count, memory layout and method

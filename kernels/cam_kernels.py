@@ -1,4 +1,4 @@
-"""The Triton kernels behind `kernels.cam.fused_cam`; twin of `gradcam_batch.methods.compute_cam`.
+"""The Triton kernels behind `gradcam_batch.kernels.cam.fused_cam`; twin of `gradcam_batch.methods.compute_cam`.
 
 The work is memory bound: every byte of A and G should be read once, in pieces of at least
 64-128 contiguous bytes, by enough programs to keep the memory system busy. Three kernels:

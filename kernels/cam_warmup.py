@@ -2,7 +2,7 @@
 
 A process compiles Triton kernels one after the other (about a second each); benchmarks and
 GPU test sessions need a few hundred variants. Each worker process calls `JITFunction.warmup`
-(compile without launching) on a share of the launch specs from `kernels.cam.warmup_specs`;
+(compile without launching) on a share of the launch specs from `gradcam_batch.kernels.cam.warmup_specs`;
 Triton's disk cache then holds the binaries, and the calling process loads them in
 milliseconds on first launch, as long as it launches with the same specialization (same
 integer arguments and dtypes, 16-byte aligned tensors: what torch allocates).
@@ -22,7 +22,7 @@ def _spec_key(spec) -> str:
 
 def _compile_share(specs: list) -> list[str]:
     """Worker: compile every spec, return one line per failure."""
-    import kernels.cam_kernels as cam_kernels
+    import gradcam_batch.kernels.cam_kernels as cam_kernels
 
     failures = []
     for name, grid, arguments, keywords in specs:
@@ -38,7 +38,7 @@ def precompile(specs: list, workers: int | None = None) -> tuple[int, list[str]]
 
     Spawned, not forked: the caller may already hold a CUDA context, which a fork cannot use.
     """
-    from kernels.cam_kernels import INTERPRETED
+    from gradcam_batch.kernels.cam_kernels import INTERPRETED
 
     unique = list({_spec_key(spec): spec for spec in specs}.values())
     if not unique or INTERPRETED:  # the interpreter compiles nothing

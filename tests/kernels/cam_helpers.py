@@ -5,7 +5,7 @@ import zlib
 import torch
 
 from gradcam_batch.methods import compute_cam
-from kernels import fused_cam
+from gradcam_batch.kernels import fused_cam
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 

@@ -8,11 +8,11 @@ import json
 import pytest
 import torch
 
-import kernels.cam as kernels_cam
+import gradcam_batch.kernels.cam as kernels_cam
 from gradcam_batch.methods import METHODS, compute_cam
-from kernels import cam_configs
-from kernels.cam import fused_cam, plan_config, warmup_specs
-from kernels.cam_configs import CamConfig, Problem
+from gradcam_batch.kernels import cam_configs
+from gradcam_batch.kernels.cam import fused_cam, plan_config, warmup_specs
+from gradcam_batch.kernels.cam_configs import CamConfig, Problem
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # The benchmark grid (benchmarks/bench_kernel.py): its buckets must all be in the table.

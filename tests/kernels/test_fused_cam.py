@@ -1,4 +1,4 @@
-"""kernels.fused_cam against gradcam_batch.methods.compute_cam evaluated in float64.
+"""gradcam_batch.kernels.fused_cam against gradcam_batch.methods.compute_cam evaluated in float64.
 
 On CPU the kernels run under TRITON_INTERPRET=1 (tests/conftest.py sets it) with small B and C
 so the file stays fast on 2 cores. The default path takes its tiling from the config table or
@@ -9,7 +9,7 @@ The GPU tests (`gpu` marker) live in test_fused_cam_gpu.py, the helpers in cam_h
 import pytest
 import torch
 
-import kernels.cam as kernels_cam
+import gradcam_batch.kernels.cam as kernels_cam
 from cam_helpers import (
     DEVICE,
     TOLERANCE,
@@ -21,9 +21,9 @@ from cam_helpers import (
     reference,
 )
 from gradcam_batch.methods import METHODS
-from kernels import fused_cam
-from kernels.cam import _fused_cam
-from kernels.cam_configs import CamConfig
+from gradcam_batch.kernels import fused_cam
+from gradcam_batch.kernels.cam import _fused_cam
+from gradcam_batch.kernels.cam_configs import CamConfig
 
 
 @pytest.fixture(autouse=True)

@@ -14,12 +14,12 @@ import os
 import pytest
 import torch
 
-import kernels.cam as kernels_cam
+import gradcam_batch.kernels.cam as kernels_cam
 from cam_helpers import TOLERANCE, assert_close, check, fresh_seed, make_inputs, reference
 from gradcam_batch.methods import METHODS
-from kernels import cam_configs, fused_cam
-from kernels.cam import _fused_cam, warmup_specs
-from kernels.cam_configs import Problem
+from gradcam_batch.kernels import cam_configs, fused_cam
+from gradcam_batch.kernels.cam import _fused_cam, warmup_specs
+from gradcam_batch.kernels.cam_configs import Problem
 
 pytestmark = pytest.mark.gpu
 
@@ -67,7 +67,7 @@ def precompiled():
     """Compile every kernel variant of this module in parallel processes before any test."""
     if not torch.cuda.is_available():
         return
-    from kernels.cam_warmup import precompile
+    from gradcam_batch.kernels.cam_warmup import precompile
 
     specs = []
     for param in TABLE_CASES:
