@@ -23,8 +23,8 @@ log = logging.getLogger("gradcam_batch")
 class ActivationCapture(contextlib.AbstractContextManager):
     """Forward hook that cuts the graph at the target layer.
 
-    The hook returns `output.detach().requires_grad_()`: the rest of the forward builds a graph
-    from this leaf only, so autograd.grad walks the head (target layer -> logits) and nothing
+    The hook makes `output.detach().requires_grad_()` the leaf and returns a copy of it: the rest of
+    the forward builds a graph from this leaf only, so autograd.grad walks the head (target layer -> logits) and nothing
     below it. Parameters are frozen, so no parameter gradients are made either.
     """
 
@@ -38,7 +38,10 @@ class ActivationCapture(contextlib.AbstractContextManager):
             raise TypeError(f"target layer {type(module).__name__} returned {type(output).__name__}, "
                             "not a tensor; pick a layer whose output is a (B, C, H, W) tensor")
         self.activation = output.detach().requires_grad_()
-        return self.activation
+        # The model goes on with a copy: an in-place op after the layer (DenseNet's functional
+        # relu(inplace=True), which build_model cannot switch off) may then overwrite it, but not
+        # the leaf the gradients are taken against, which must hold the layer's output.
+        return self.activation.clone()
 
     def __enter__(self) -> "ActivationCapture":
         self._handle = self.layer.register_forward_hook(self._hook)
