@@ -185,6 +185,10 @@ class CamConfig:
                 raise UserError("cam.targets=classes needs cam.classes=[i,j,...] (class indices)")
             for index in self.classes:
                 _at_least("cam.classes[...]", index, 0)
+            repeated = sorted({index for index in self.classes if list(self.classes).count(index) > 1})
+            if repeated:
+                raise UserError(f"cam.classes={list(self.classes)} repeats {repeated}: each class would get "
+                                "the same map twice; list each class once")
 
     @property
     def num_targets(self) -> int:

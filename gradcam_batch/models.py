@@ -79,12 +79,30 @@ def _torchvision_model(cfg: ModelConfig) -> nn.Module:
         state = _load_state_dict(weights)
     else:
         state = _hub_cached_weights(cfg.name, weights)
+    _load_fitting(model, state, f"model.weights={weights!r} does not fit {cfg.name}")
+    return model
+
+
+def _load_fitting(model: nn.Module, state: dict, what: str) -> None:
+    """load_state_dict, with a mismatch reported in one line naming the first keys that differ."""
+    expected = model.state_dict()
+    missing = [key for key in expected if key not in state]
+    unexpected = [key for key in state if key not in expected]
+    resized = [f"{key} {tuple(state[key].shape)} vs {tuple(value.shape)}" for key, value in expected.items()
+               if key in state and hasattr(state[key], "shape") and tuple(state[key].shape) != tuple(value.shape)]
+    problems = []
+    for label, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", resized)):
+        if keys:
+            more = f" and {len(keys) - 3} more" if len(keys) > 3 else ""
+            problems.append(f"{len(keys)} {label}: {', '.join(keys[:3])}{more}")
+    if problems:
+        hint = (" (a checkpoint saved from a wrapped model? strip the 'module.' prefix)"
+                if unexpected and all(key.startswith("module.") for key in unexpected) else "")
+        raise UserError(f"{what}: {'; '.join(problems)}{hint}")
     try:
         model.load_state_dict(state)
-    except RuntimeError as error:
-        first = str(error).strip().splitlines()[0]
-        raise UserError(f"model.weights={weights!r} does not fit {cfg.name}: {first}") from error
-    return model
+    except RuntimeError as error:  # e.g. a dtype the parameter cannot take
+        raise UserError(f"{what}: {' '.join(str(error).split())[:300]}") from error
 
 
 def _hub_cached_weights(name: str, weights: str) -> dict:
@@ -179,6 +197,12 @@ def resolve_target_layer(model: nn.Module, requested: str, sample: torch.Tensor)
             close = difflib.get_close_matches(requested, [n for n in modules if n], n=3)
             hint = f"; did you mean {', '.join(close)}?" if close else ""
             raise UserError(f"model.target_layer={requested!r} is not a module of this model{hint}")
+        shapes = dict(_spatial_output_modules(model, sample))
+        shape = shapes.get(requested)
+        if shape is not None and shape[2] * shape[3] == 1:
+            raise UserError(f"model.target_layer={requested!r} outputs 1x1 maps (shape {shape}): a map of one "
+                            "cell shows no location; pick an earlier layer (model.target_layer=auto picks "
+                            "the last one with a spatial output)")
         return requested, modules[requested]
     candidates = [name for name, shape in _spatial_output_modules(model, sample) if shape[2] * shape[3] > 1]
     if not candidates:

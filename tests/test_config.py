@@ -18,6 +18,7 @@ from gradcam_batch.config import CamConfig, DataConfig, ModelConfig, OutputConfi
     (lambda: CamConfig(targets="topk", topk=0), "cam.topk=0"),
     (lambda: CamConfig(targets="classes"), "needs cam.classes"),
     (lambda: CamConfig(targets="classes", classes=[-1]), "cam.classes"),
+    (lambda: CamConfig(targets="classes", classes=[1, 1]), "repeats"),
     (lambda: DataConfig(device_share=1.5), "data.device_share=1.5"),
     (lambda: DataConfig(device_share=-0.1), "data.device_share=-0.1"),
     (lambda: DataConfig(decode="gpu"), "data.decode='gpu'"),

@@ -38,8 +38,29 @@ def test_weights_enum_from_hub_cache_only(tmp_path, monkeypatch):
 
 def test_mismatched_state_dict(tmp_path):
     torch.save(torchvision.models.resnet18(num_classes=3).state_dict(), tmp_path / "w.pt")
-    with pytest.raises(UserError, match="does not fit resnet18"):
+    with pytest.raises(UserError, match="does not fit resnet18") as error:
         build_model(ModelConfig(source="torchvision", name="resnet18", weights=str(tmp_path / "w.pt")))
+    # the message names the keys that differ, on one line
+    assert "2 wrong shape: fc.weight (3, 512) vs (1000, 512), fc.bias" in str(error.value)
+    assert "\n" not in str(error.value)
+
+
+def test_state_dict_of_a_wrapped_model_names_missing_and_unexpected_keys(tmp_path):
+    state = {f"module.{key}": value for key, value in torchvision.models.resnet18().state_dict().items()}
+    torch.save(state, tmp_path / "ddp.pt")
+    with pytest.raises(UserError) as error:
+        build_model(ModelConfig(source="torchvision", name="resnet18", weights=str(tmp_path / "ddp.pt")))
+    message = str(error.value)
+    assert "missing: conv1.weight, bn1.weight, bn1.bias and" in message
+    assert "unexpected: module.conv1.weight" in message and "strip the 'module.' prefix" in message
+    assert "\n" not in message
+
+
+def test_layer_with_one_cell_maps_is_refused():
+    model = build_model(ModelConfig(source="torchvision", name="resnet18"))
+    with pytest.raises(UserError, match="model.target_layer='avgpool' outputs 1x1 maps"):
+        resolve_target_layer(model, "avgpool", SAMPLE)
+    assert resolve_target_layer(model, "layer3", SAMPLE)[0] == "layer3"
 
 
 def test_checkpoint_needs_trust(tmp_path):
