@@ -55,8 +55,9 @@ class DataConfig:
     root: Optional[str] = None
     """imagefolder: the directory holding one sub-folder per class. demo: where the generated
     dataset is cached (default: <output.dir>/demo-data)."""
-    shards: Optional[str] = None
-    """webdataset / parquet: a glob (or comma-separated globs) of shard files."""
+    shards: Any = None
+    """webdataset / parquet: a glob of shard files, several comma-separated in one string, or a
+    list of globs (`data.shards=[a.tar,b.tar]`, which needs no quoting on the command line)."""
     shard_size: int = 1000
     """imagefolder: images per shard (the files are listed in sorted order and cut into shards,
     which data.unit_size may split further)."""
@@ -108,6 +109,12 @@ class DataConfig:
 
     def __post_init__(self) -> None:
         _choice("data.format", self.format, DATA_FORMATS)
+        if isinstance(self.shards, (list, tuple)):
+            if not self.shards or not all(isinstance(part, str) and part.strip() for part in self.shards):
+                raise UserError(f"data.shards={list(self.shards)!r}: each entry must be a non-empty path or glob")
+            self.shards = ",".join(part.strip() for part in self.shards)
+        elif self.shards is not None and not isinstance(self.shards, str):
+            raise UserError(f"data.shards={self.shards!r} is not a path, a glob or a list of them")
         _choice("data.decode", self.decode, DECODE_MODES)
         _at_least("data.batch_size", self.batch_size, 1)
         _at_least("data.num_workers", self.num_workers, 0)
@@ -248,8 +255,6 @@ class Config:
 
 
 def register_configs() -> None:
-    store = ConfigStore.instance()
-    store.store(name="schema", node=Config)
-    for group, node in (("data", DataConfig), ("model", ModelConfig), ("cam", CamConfig),
-                        ("output", OutputConfig), ("runtime", RuntimeConfig)):
-        store.store(group=group, name="schema", node=node)
+    # Only the whole schema is stored: config.yaml lists it first, so it types every group's
+    # YAML, and no group offers a "schema" option (in --help, or as data=schema).
+    ConfigStore.instance().store(name="schema", node=Config)
