@@ -1,5 +1,8 @@
 #!/usr/bin/env bash
 # Set up .venv (once) and run the offline demo: synthetic shapes, the built-in CNN, CAMs to
-# Parquet under ./gradcam-out. Extra arguments are Hydra overrides.
-source "$(dirname "$0")/_bootstrap.sh"
-exec .venv/bin/gradcam-batch "$@"
+# Parquet under ./gradcam-out (relative to where you call it from). Extra arguments are Hydra
+# overrides; relative paths in them are relative to your current directory too.
+CALLER="$PWD"
+source "$(dirname "$0")/_bootstrap.sh"  # works in the checkout (sets ROOT)
+cd "$CALLER"
+exec "$ROOT/.venv/bin/gradcam-batch" "$@"
