@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torchvision.io import ImageReadMode, decode_jpeg
 from torchvision.transforms.v2 import functional as TF
 
-from gradcam_batch.data.transforms import decode_rgb, resize_crop, resized_size
+from gradcam_batch.data.transforms import DEFAULT_MAX_PIXELS, decode_rgb, resize_crop, resized_size
 
 log = logging.getLogger("gradcam_batch")
 
@@ -57,11 +57,15 @@ class _NvImageCodec:
 
 
 class DeviceDecoder:
-    def __init__(self, resize: int, crop: int, device: torch.device, backend: str = "auto"):
+    def __init__(self, resize: int, crop: int, device: torch.device, backend: str = "auto",
+                 max_pixels: int = DEFAULT_MAX_PIXELS):
         if backend not in DECODER_BACKENDS:
             raise ValueError(f"backend={backend!r}: expected one of {', '.join(DECODER_BACKENDS)}")
         self.resize = resize
         self.crop = crop
+        # data.max_pixels bounds the pixels of each resize call, as it bounds the workers' resize
+        # (transforms.resize_crop): a group of long strips of one size would otherwise add up.
+        self.max_pixels = max_pixels
         self.device = torch.device(device)
         self.nvimgcodec = None
         if self.device.type == "cuda" and backend != "torchvision" and (backend == "nvimgcodec" or nvimgcodec_available()):
@@ -124,18 +128,26 @@ class DeviceDecoder:
         rows_by_size: dict[tuple[int, int], list[int]] = defaultdict(list)
         for row, image in enumerate(images):
             rows_by_size[tuple(image.shape[-2:])].append(row)
-        for rows in rows_by_size.values():
-            # One resize per distinct input size (datasets repeat sizes); a group whose rows are
-            # one run, a single image included, is written in place with no index and no stack.
-            first, last = rows[0], rows[-1]
-            if last - first + 1 == len(rows):
-                group = images[first].unsqueeze(0) if len(rows) == 1 else torch.stack(images[first:last + 1])
-                self._resize_crop_into(group, out[first:last + 1])
-            else:
-                resized = torch.empty((len(rows), 3, self.crop, self.crop), dtype=torch.uint8, device=self.device)
-                self._resize_crop_into(torch.stack([images[row] for row in rows]), resized)
-                out.index_copy_(0, self._index(rows), resized)
+        for (height, width), rows in rows_by_size.items():
+            # One resize per distinct input size (datasets repeat sizes), of as many images as
+            # max_pixels allows resized at once.
+            resized_height, resized_width = resized_size(height, width, self.resize)
+            per_call = max(1, self.max_pixels // (resized_height * resized_width))
+            for start in range(0, len(rows), per_call):
+                self._resize_rows(images, rows[start:start + per_call], out)
         return out, failed
+
+    def _resize_rows(self, images: list[torch.Tensor], rows: list[int], out: torch.Tensor) -> None:
+        """Resize and crop the images at `rows` (all of one size) into those rows of `out`; rows that
+        are one run, a single image included, are written in place with no index and no stack."""
+        first, last = rows[0], rows[-1]
+        if last - first + 1 == len(rows):
+            group = images[first].unsqueeze(0) if len(rows) == 1 else torch.stack(images[first:last + 1])
+            self._resize_crop_into(group, out[first:last + 1])
+        else:
+            resized = torch.empty((len(rows), 3, self.crop, self.crop), dtype=torch.uint8, device=self.device)
+            self._resize_crop_into(torch.stack([images[row] for row in rows]), resized)
+            out.index_copy_(0, self._index(rows), resized)
 
     def _index(self, rows: list[int]) -> torch.Tensor:
         index = torch.tensor(rows, dtype=torch.int64)
@@ -145,9 +157,12 @@ class DeviceDecoder:
         return index.pin_memory().to(self.device, non_blocking=True)
 
     def _resize_crop_into(self, images: torch.Tensor, out: torch.Tensor) -> None:
-        if self.device.type == "cpu":
-            # torchvision resizes uint8 natively on the CPU; its own call keeps the worker path's numbers
-            out.copy_(resize_crop(images, self.resize, self.crop)[0])
+        resized_height, resized_width = resized_size(*images.shape[-2:], self.resize)
+        if self.device.type == "cpu" or resized_height * resized_width > self.max_pixels:
+            # torchvision resizes uint8 natively on the CPU; its own call keeps the worker path's
+            # numbers, and resizes only the crop's window of an image too long to resize whole
+            # (on CUDA too, where it rounds as resize_crop_rounded does).
+            out.copy_(resize_crop(images, self.resize, self.crop, max_pixels=self.max_pixels)[0])
         else:
             resize_crop_rounded(images, self.resize, self.crop, out)
 

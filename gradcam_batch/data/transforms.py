@@ -6,10 +6,13 @@ less to copy than float32.
 Every image of a real dataset either decodes to RGB with one meaning (EXIF orientation applied,
 transparency composited on black, 16-bit scaled to 8-bit, first frame of an animation) or raises
 `CorruptImage` / `ImageTooLarge` with a one-line message, which the loader records as an error row.
+Messages give lengths, sizes and format guesses, never bytes of the file: a dataset may link to
+any file on the machine.
 """
 
 from __future__ import annotations
 
+import codecs
 import io
 import math
 import re
@@ -27,6 +30,11 @@ from torchvision.transforms.v2 import functional as TF
 # torchvision >= 0.29 announces that its decoders will move to torchcodec; they still work and
 # are the fastest CPU path here, so the per-call notice is kept out of the user's log.
 warnings.filterwarnings("ignore", message="The image decoding and encoding capabilities", category=DeprecationWarning)
+# data.max_pixels, checked as soon as a header is read, is the user's limit; Pillow's warning at its
+# own default limit (MAX_IMAGE_PIXELS) would otherwise print for every image between the two, and
+# before each refusal of a larger one. A filter, not catch_warnings: images are also decoded in
+# threads, and catch_warnings swaps the process-wide filters without a lock.
+warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
 
 DEFAULT_MAX_PIXELS = 89_478_485  # DataConfig.max_pixels' default, Pillow's own warning limit
 
@@ -42,6 +50,13 @@ _ALPHA_MODES = frozenset({"RGBA", "LA", "PA", "La", "RGBa"})
 # Errors Pillow's decoders raise for bad data (struct/zlib/EOF come from plugins reading short data).
 _DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, IndexError, struct.error, zlib.error)
 _TORCHVISION_PREFIX = re.compile(r"^.*?\.cpp:\d+,\s*")
+# What decoders quote of the data they choke on: Python literals (`b'\x01\x02Zq'`, `'Zq9x'`,
+# optionally after a colon) and hexadecimal values (libjpeg's marker codes).
+_QUOTED = re.compile(r"""(:\s*)?(?<!\w)b?('(?:[^'\\]|\\.)*'|"(?:[^"\\]|\\.)*")|\b0[xX][0-9a-fA-F]+\b""")
+_SIGNATURES = ((b"\x89PNG\r\n\x1a\n", "a PNG file"), (b"\xff\xd8\xff", "a JPEG file"), (b"GIF8", "a GIF file"),
+               (b"II*\x00", "a TIFF file"), (b"MM\x00*", "a TIFF file"), (b"RIFF", "a RIFF file (WEBP, WAV, AVI)"),
+               (b"BM", "a BMP file"))
+_TEXT_SAMPLE_BYTES = 4096
 
 
 class CorruptImage(ValueError):
@@ -85,10 +100,13 @@ def open_header(payload: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.I
     except Image.DecompressionBombError as error:
         raise _too_large_from_pillow(error, max_pixels) from error
     except UnidentifiedImageError as error:
-        raise CorruptImage(f"not an image: no decoder recognises these {len(payload)} bytes "
-                           f"(they start {payload[:8]!r})") from error
+        raise CorruptImage(f"not an image: no decoder recognises these {len(payload):,} bytes "
+                           f"({_looks_like(payload)})") from error
+    except NotImplementedError as error:  # its message quotes the field it does not know
+        raise CorruptImage("unsupported image: a decoder recognises the format but not this variant "
+                           f"of it ({len(payload):,} bytes)") from error
     except _DECODE_ERRORS as error:
-        raise CorruptImage(f"unreadable image header: {error}") from error
+        raise CorruptImage(f"unreadable image header: {_reason(error)}") from error
     width, height = header.size
     if width * height > max_pixels:
         header.close()
@@ -96,6 +114,31 @@ def open_header(payload: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.I
                             f"data.max_pixels={max_pixels:,} (decompression-bomb guard; raise "
                             "data.max_pixels to accept it)")
     return header
+
+
+def _looks_like(payload: bytes) -> str:
+    """A guess at what a payload no decoder recognises is, for its error message, which must not
+    quote the payload itself (it may be any file a dataset links to)."""
+    for signature, name in _SIGNATURES:
+        if payload.startswith(signature):
+            return f"they start like {name}"
+    try:  # final=False: a character cut at the end of the sample does not make text binary
+        text = codecs.getincrementaldecoder("utf-8")().decode(payload[:_TEXT_SAMPLE_BYTES],
+                                                              final=len(payload) <= _TEXT_SAMPLE_BYTES)
+    except UnicodeDecodeError:
+        return "binary data"
+    if all(character.isprintable() or character in "\t\r\n\f" for character in text):
+        return "they look like text"
+    return "binary data"
+
+
+def _reason(error: Exception) -> str:
+    """A decoder's own words for what went wrong, on one line, without what it quotes of the file."""
+    lines = str(error).splitlines()
+    message = _TORCHVISION_PREFIX.sub("", lines[0]) if lines else ""
+    message = _QUOTED.sub(lambda quoted: "" if quoted.group(1) else "...", message)
+    message = "".join(character for character in message if character.isascii() and character.isprintable())
+    return message.strip()[:200] or type(error).__name__
 
 
 _EXIF_ORIENTATION = 0x0112
@@ -122,7 +165,7 @@ def _decode_torchvision(payload: bytes, image_format: str) -> Optional[torch.Ten
         data = torch.frombuffer(bytearray(payload), dtype=torch.uint8)
         image = decode_image(data, mode=ImageReadMode.RGB, apply_exif_orientation=True)
     except RuntimeError as error:
-        message = _TORCHVISION_PREFIX.sub("", str(error)).splitlines()[0]
+        message = _reason(error)
         if "truncated" in message or "corrupt" in message:
             # Pillow would raise too (unless a user set ImageFile.LOAD_TRUNCATED_IMAGES, which
             # turns truncation into grey fill); no second decode to learn the same thing.
@@ -149,8 +192,10 @@ def _decode_pillow(image: Image.Image) -> torch.Tensor:
             return gray.unsqueeze(0).expand(3, -1, -1).contiguous()
         else:
             pixels = np.array(image if image.mode == "RGB" else image.convert("RGB"))
+    except NotImplementedError as error:  # its message quotes the field it does not know
+        raise CorruptImage(f"cannot decode {described}: a variant the decoder does not support") from error
     except _DECODE_ERRORS as error:
-        raise CorruptImage(f"cannot decode {described}: {error}") from error
+        raise CorruptImage(f"cannot decode {described}: {_reason(error)}") from error
     return torch.from_numpy(pixels).permute(2, 0, 1).contiguous()
 
 
@@ -167,7 +212,7 @@ def _too_large_from_pillow(error: Exception, max_pixels: int) -> ImageTooLarge:
     if pixels is not None and pixels > max_pixels:
         return ImageTooLarge(f"image is {pixels:,} pixels, more than data.max_pixels={max_pixels:,} "
                              "(decompression-bomb guard; raise data.max_pixels to accept it)")
-    return ImageTooLarge(f"{error} data.max_pixels={max_pixels:,} cannot lift Pillow's limit; "
+    return ImageTooLarge(f"{_reason(error)} data.max_pixels={max_pixels:,} cannot lift Pillow's limit; "
                          "raise PIL.Image.MAX_IMAGE_PIXELS as well")
 
 
@@ -194,13 +239,73 @@ def map_box(box: Optional[list], height: int, width: int, resize: int, crop: int
     return [min(max(v, 0.0), 1.0) for v in mapped]
 
 
-def resize_crop(image: torch.Tensor, resize: int, crop: int, box: Optional[list] = None):
+def resize_crop(image: torch.Tensor, resize: int, crop: int, box: Optional[list] = None,
+                max_pixels: int = DEFAULT_MAX_PIXELS):
     """Shorter side to `resize`, center crop `crop` (one image (3, H, W) or a batch of equal
     size); the box (pixels) follows the image and is returned normalized to [0, 1] of the crop,
-    or None."""
+    or None.
+
+    The pixels after the resize are bounded like those before: when the resized image would hold
+    more than `max_pixels` (only a long thin strip does: a 370-byte 300000x1 PNG resized to 256
+    rows holds 19.7 billion), only the source pixels the crop depends on are resized, on the
+    whole resize's sampling grid: the same pixels up to a rounding step (at worst shifted by half
+    a resized pixel), in the memory of a few crops. Every other image is resized whole, exactly
+    as before."""
     height, width = image.shape[-2:]
-    image = TF.center_crop(TF.resize(image, [resize], antialias=True), [crop, crop])
+    resized_height, resized_width = resized_size(height, width, resize)
+    if resized_height * resized_width > max_pixels:
+        image = _resize_crop_window(image, resize, crop)
+    else:
+        image = TF.center_crop(TF.resize(image, [resize], antialias=True), [crop, crop])
     return image, map_box(box, height, width, resize, crop)
+
+
+def _resize_crop_window(image: torch.Tensor, resize: int, crop: int) -> torch.Tensor:
+    """center_crop(resize(image, [resize]), [crop, crop]) computed from the source pixels that the
+    crop's window depends on, resized at the same scale. Refusing such images instead would lose
+    them, and capping the aspect ratio would still let a large `resize` multiply the pixels."""
+    height, width = image.shape[-2:]
+    resized_height, resized_width = resized_size(height, width, resize)
+    top, bottom, rows, row_offset = _window_span(height, resized_height, crop)
+    left, right, columns, column_offset = _window_span(width, resized_width, crop)
+    resized = TF.resize(image[..., top:bottom, left:right].contiguous(), [rows, columns], antialias=True)
+    if row_offset is not None:
+        resized = resized[..., row_offset:row_offset + crop, :]
+    if column_offset is not None:
+        resized = resized[..., column_offset:column_offset + crop]
+    # An axis resized whole is cropped (or padded, when crop > resize) as center_crop does.
+    return TF.center_crop(resized, [crop, crop])
+
+
+def _window_span(size: int, resized: int, crop: int) -> tuple[int, int, int, Optional[int]]:
+    """Along one axis of `size` source pixels that the whole resize makes `resized` long: the source
+    pixels [first, stop) that center_crop's `crop` pixels depend on, the length to resize them to,
+    and where the crop starts in that resize (None: the whole axis is resized, and center_crop
+    finds the crop itself).
+
+    The resize of a span lands on the whole resize's sampling grid when both ends fall on whole
+    resized pixels (edge * resized / size an integer); the ends are moved outwards, by at most
+    one crop's worth of resized pixels, to where they come nearest, so the crop matches the whole
+    resize's to a rounding step where such ends exist and is shifted by at most half a resized
+    pixel where none do."""
+    start = int(round((resized - crop) / 2.0))  # center_crop's offset in the whole resize
+    scale = resized / size  # resized pixels per source pixel
+    # The antialiasing filter reaches one source pixel when upscaling and 1/scale when downscaling;
+    # one more covers the rounding of the span's ends.
+    reach = math.ceil(max(1.0, 1.0 / scale)) + 1
+    first = max(0, math.floor(start / scale) - reach)
+    stop = min(size, math.ceil((start + crop) / scale) + reach)
+    if crop >= resized or (first == 0 and stop == size):
+        return 0, size, resized, None
+    spare = math.ceil(crop / scale)
+
+    def off_grid(edge: int) -> float:
+        return abs(edge * scale - round(edge * scale))
+    first = min(range(first, max(0, first - spare) - 1, -1), key=off_grid)
+    stop = min(range(stop, min(size, stop + spare) + 1), key=off_grid)
+    length = round((stop - first) * scale)
+    offset = min(max(int(round(start - first * scale)), 0), length - crop)
+    return first, stop, length, offset
 
 
 # libjpeg-turbo's DCT scaling decodes straight to 1/2, 1/4 or 1/8 of the size (Pillow's draft),
@@ -228,18 +333,18 @@ def decode_resize_crop(payload: bytes, resize: int, crop: int, max_pixels: int =
         width, height = header.size
         if (header.format not in ("JPEG", "MPO") or header.mode not in _FAST_MODES
                 or min(width, height) < resize):
-            return resize_crop(_decode_opened(payload, header), resize, crop, box)
+            return resize_crop(_decode_opened(payload, header), resize, crop, box, max_pixels)
         try:
             orientation = header.getexif().get(_EXIF_ORIENTATION, 1)
         except _DECODE_ERRORS:  # Pillow could not parse the EXIF block; torchvision reads its own
-            return resize_crop(decode_rgb(payload, max_pixels), resize, crop, box)
+            return resize_crop(decode_rgb(payload, max_pixels), resize, crop, box, max_pixels)
         if orientation in _TRANSPOSING_ORIENTATIONS:
             width, height = height, width
         scale = _dct_scale(min(width, height), resize) if header.mode in ("RGB", "L") else 1
         if scale > 1:
             image = _decode_jpeg_reduced(header, scale)
             if image is None:  # decode_rgb's decoder decides, and words the error as it always has
-                return resize_crop(decode_rgb(payload, max_pixels), resize, crop, box)
+                return resize_crop(decode_rgb(payload, max_pixels), resize, crop, box, max_pixels)
         else:
             image = _decode_opened(payload, header).permute(1, 2, 0)  # torchvision: (H, W, 3) memory
             height, width = image.shape[:2]
