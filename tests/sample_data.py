@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import io
 import json
+import os
+import struct
 import tarfile
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -76,3 +79,89 @@ def make_parquet(root: Path, shards=2, rows=3, struct=False, with_ids=False, see
         for index in range(rows):
             expected[ids[index] if with_ids else f"part{shard}/{index}"] = labels[index]
     return expected
+
+
+def make_tar(path: Path, keys, seed=0) -> dict[str, int]:
+    """One webdataset shard at `path` holding `<key>.jpg` and `<key>.cls` for each key; returns {key: label}."""
+    rng = np.random.default_rng(seed)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    expected = {}
+    with tarfile.open(path, "w") as tar:
+        for key in keys:
+            label = int(rng.integers(0, 10))
+            add_member(tar, f"{key}.jpg", encode(rng))
+            add_member(tar, f"{key}.cls", str(label).encode())
+            expected[key] = label
+    return expected
+
+
+def add_special(tar: tarfile.TarFile, name: str, member_type: bytes, linkname: str = "") -> None:
+    """A member that is not a regular file: a link, device, FIFO or directory (no data)."""
+    info = tarfile.TarInfo(name)
+    info.type, info.linkname = member_type, linkname
+    tar.addfile(info)
+
+
+def write_tar(path: Path, members: list[tuple[str, bytes]], **open_args) -> None:
+    """A tar of regular members in the given order (names may hold surrogate-escaped bytes)."""
+    with tarfile.open(path, "w", **open_args) as tar:
+        for name, payload in members:
+            add_member(tar, name, payload)
+
+
+def big_member_tar(path: Path, size: int, before: list[tuple[str, bytes]], after: list[tuple[str, bytes]],
+                   name: str = "big.jpg") -> None:
+    """An uncompressed tar whose member `name` claims `size` bytes of zeros that are a hole in the
+    file: a few kilobytes on disk that read as gigabytes."""
+    with open(path, "wb") as handle:
+        handle.write(_blocks_of(before) + _header(name, size))
+        handle.seek(-(-size // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE, os.SEEK_CUR)  # the hole
+        handle.write(_blocks_of(after) + bytes(2 * tarfile.RECORDSIZE))
+
+
+def big_member_tar_gz(path: Path, size: int, before: list[tuple[str, bytes]], after: list[tuple[str, bytes]],
+                      name: str = "big.jpg") -> None:
+    """A gzip-compressed tar whose member `name` holds `size` zero bytes, written in megabytes:
+    one deflate block of 1 MiB of zeros, flushed so it stands alone, is repeated (about 1 kB per
+    MiB, so 3 GiB compress to about 3 MB)."""
+    chunk = 1 << 20
+    assert size % chunk == 0
+    head = _blocks_of(before) + _header(name, size)
+    tail = _blocks_of(after) + bytes(2 * tarfile.RECORDSIZE)
+    compressor = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)
+    zeros = bytes(chunk)
+    opening = compressor.compress(head) + compressor.flush(zlib.Z_FULL_FLUSH)
+    zero_block = compressor.compress(zeros) + compressor.flush(zlib.Z_FULL_FLUSH)
+    ending = compressor.compress(tail) + compressor.flush()
+    crc = zlib.crc32(head)
+    for _ in range(size // chunk):
+        crc = zlib.crc32(zeros, crc)
+    crc = zlib.crc32(tail, crc)
+    total = len(head) + size + len(tail)
+    with open(path, "wb") as handle:
+        handle.write(b"\x1f\x8b\x08\x00\x00\x00\x00\x00\x00\xff")  # gzip header: deflate, no name, no mtime
+        handle.write(opening)
+        for _ in range(size // chunk):
+            handle.write(zero_block)
+        handle.write(ending)
+        handle.write(struct.pack("<II", crc, total & 0xFFFFFFFF))
+
+
+def _blocks_of(members: list[tuple[str, bytes]]) -> bytes:
+    """The members' headers and padded data, without the end-of-archive blocks."""
+    buffer = io.BytesIO()
+    tar = tarfile.open(fileobj=buffer, mode="w", format=tarfile.GNU_FORMAT)
+    for member, payload in members:
+        add_member(tar, member, payload)
+    return buffer.getvalue()[:tar.offset]
+
+
+def _header(name: str, size: int) -> bytes:
+    info = tarfile.TarInfo(name)
+    info.size = size
+    return info.tobuf(tarfile.GNU_FORMAT)
+
+
+def write_parquet_columns(path: Path, columns: dict, **write_args) -> None:
+    """A Parquet file of the given pyarrow arrays (or Python lists), for columns of odd types."""
+    pq.write_table(pa.table(columns), path, **write_args)

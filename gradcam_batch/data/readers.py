@@ -1,140 +1,215 @@
 """Readers per shard format. Each reads one work unit (a shard, or a slice of one) and yields
 RawSample records in shard order; nothing here decodes images, so the same readers feed CPU
-workers and device decoders."""
+workers and device decoders.
+
+Input is hostile until read. Every record leaves a reader as exactly one RawSample, a payload or
+an error, and a bad record is its own error row, never its shard's (the rules are in
+`records`); files that are not regular files, or that are larger than data.max_bytes, are
+refused before their data is read. The tar reader lives in `webdataset`."""
 
 from __future__ import annotations
 
-import json
 import os
-import tarfile
-from dataclasses import dataclass
+import stat
 from typing import Iterator, Optional
 
 from gradcam_batch.config import DataConfig
-from gradcam_batch.data.shards import Shard, Unit, as_unit, webdataset_key
-
-WDS_IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
-
-
-@dataclass
-class RawSample:
-    sample_id: str
-    label: int  # -1 when unknown
-    payload: Optional[bytes]  # encoded image; None when the sample failed before decoding
-    meta: Optional[dict] = None  # e.g. {"box": [x0, y0, x1, y1]} in pixels
-    error: Optional[tuple[str, str, str]] = None  # (stage, error type, message)
+from gradcam_batch.data.shards import Shard, Unit, as_unit
+from gradcam_batch.data.records import (LABEL_RULE, LinkOutsideRoot, NotRegularFile, RawSample, TooLarge,
+                                        _describe_parquet_error, _file_system_words, _label_from_number,
+                                        _label_from_string, printable)
+from gradcam_batch.data.webdataset import _webdataset
 
 
-def _imagefolder(unit: Unit) -> Iterator[RawSample]:
+# --- ImageFolder ------------------------------------------------------------------------------------
+
+
+def _file_kind(mode: int) -> str:
+    for test, kind in ((stat.S_ISFIFO, "FIFO"), (stat.S_ISCHR, "character device"), (stat.S_ISBLK, "block device"),
+                       (stat.S_ISSOCK, "socket"), (stat.S_ISDIR, "directory")):
+        if test(mode):
+            return kind
+    return "special file"
+
+
+def _read_regular_file(path: str, root_real: str, cfg: DataConfig) -> bytes:
+    """The bytes of a regular file of at most data.max_bytes. The type and size are checked
+    before the file is opened (opening a FIFO waits for a writer; /dev/zero never ends) and
+    again on the open descriptor, in case the name was swapped in between."""
+    if not cfg.follow_links:
+        real = os.path.realpath(path)
+        if os.path.commonpath([real, root_real]) != root_real:
+            raise LinkOutsideRoot("the file is a link that leads outside data.root; set data.follow_links=true "
+                                  "to read such files")
+    _check_regular(os.stat(path), cfg.max_bytes)
+    flags = os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOCTTY", 0)
+    with open(os.open(path, flags), "rb") as handle:
+        size = os.fstat(handle.fileno())
+        _check_regular(size, cfg.max_bytes)
+        # read(max_bytes + 1) would allocate that whole buffer for every file: read what the
+        # file holds, plus one byte to see it grew past the limit since fstat
+        payload = handle.read(min(size.st_size, cfg.max_bytes) + 1)
+        while len(payload) <= cfg.max_bytes and (more := handle.read(min(1 << 20, cfg.max_bytes + 1 - len(payload)))):
+            payload += more
+    if len(payload) > cfg.max_bytes:
+        raise TooLarge(f"the file grew past data.max_bytes={cfg.max_bytes} while it was read")
+    return payload
+
+
+def _check_regular(status: os.stat_result, max_bytes: int) -> None:
+    if not stat.S_ISREG(status.st_mode):
+        raise NotRegularFile(f"the file is a {_file_kind(status.st_mode)}, not a regular file; "
+                             "only regular files are read")
+    if status.st_size > max_bytes:
+        raise TooLarge(f"the file holds {status.st_size} bytes, more than data.max_bytes={max_bytes}")
+
+
+def _imagefolder(unit: Unit, cfg: DataConfig) -> Iterator[RawSample]:
+    root_real = os.path.realpath(unit.shard.root)
     for relative, label in unit.files():
+        sample_id = printable(relative)
         try:
-            with open(os.path.join(unit.shard.root, relative), "rb") as handle:
-                payload = handle.read()
+            payload = _read_regular_file(os.path.join(unit.shard.root, relative), root_real, cfg)
         except OSError as error:
-            yield RawSample(relative, label, None, error=("read", type(error).__name__, str(error)))
+            refused = isinstance(error, (NotRegularFile, LinkOutsideRoot, TooLarge))
+            message = str(error) if refused else _file_system_words(error)
+            yield RawSample(sample_id, label, None, error=("read", type(error).__name__, message))
             continue
-        yield RawSample(relative, label, payload)
+        yield RawSample(sample_id, label, payload)
 
 
-def _wds_sample(key: str, members: dict[str, bytes]) -> RawSample:
-    label, meta = -1, None
-    try:
-        if "cls" in members:
-            label = int(members["cls"].decode().strip())
-        if "json" in members:
-            meta = json.loads(members["json"])
-    except (ValueError, UnicodeDecodeError) as error:
-        return RawSample(key, -1, None, error=("read", type(error).__name__, f"bad label or json: {error}"))
-    image = next((members[ext] for ext in WDS_IMAGE_EXTENSIONS if ext in members), None)
-    if image is None:
-        return RawSample(key, label, None, error=("read", "MissingImage",
-                                                  f"no image member ({'/'.join(WDS_IMAGE_EXTENSIONS)}) for key"))
-    return RawSample(key, label, image, meta=meta if isinstance(meta, dict) else None)
+# --- Parquet ----------------------------------------------------------------------------------------
 
 
-def _check_end_of_archive(handle, offset: int) -> None:
-    """tarfile treats a header cut short as the end of the archive; a complete uncompressed tar
-    ends with two zero blocks, so anything else means the shard was truncated."""
-    handle.seek(offset)
-    tail = handle.read(1024)
-    if len(tail) < 1024 or tail.count(0) != 1024:
-        raise tarfile.ReadError(f"truncated tar: no end-of-archive marker after byte {offset}; "
-                                "samples past that point are lost")
+def _is_binary(kind) -> bool:
+    import pyarrow as pa
+
+    return (pa.types.is_binary(kind) or pa.types.is_large_binary(kind) or pa.types.is_fixed_size_binary(kind)
+            or pa.types.is_binary_view(kind))
 
 
-def _webdataset(unit: Unit) -> Iterator[RawSample]:
-    """Members `<key>.<ext>` grouped by key (shards.webdataset_key); consecutive members with one
-    key form a sample. A slice starts at its first member's header and ends where the next slice
-    begins; the last one (or a whole shard) reads to the end and checks the end-of-archive marker."""
-    key, members = None, {}
-    try:
-        with open(unit.shard.path, "rb") as handle:
-            compressed = handle.read(2) in (b"\x1f\x8b", b"BZ", b"\xfd7")  # gzip, bzip2, xz: checked by their codecs
-            handle.seek(unit.byte_start)
-            # a slice is an uncompressed tar by construction; no compression sniffing mid-archive
-            with tarfile.open(fileobj=handle, mode="r|*" if unit.whole else "r|") as tar:
-                for member in tar:
-                    if unit.byte_end is not None and unit.byte_start + member.offset >= unit.byte_end:
-                        break  # the next slice's first sample
-                    if not member.isfile():
-                        continue
-                    member_key, extension = webdataset_key(member.name)
-                    if member_key != key:
-                        if key is not None:
-                            yield _wds_sample(key, members)
-                        key, members = member_key, {}
-                    members[extension.lower()] = tar.extractfile(member).read()
-                else:
-                    if unit.byte_end is not None:  # tarfile ends quietly at a bad header; a slice must not
-                        raise tarfile.ReadError(f"the archive ends before byte {unit.byte_end}, where this unit "
-                                                "ends; the shard changed after it was listed")
-                end = unit.byte_start + tar.offset
-            if not compressed and unit.byte_end is None:
-                _check_end_of_archive(handle, end)
-    except (tarfile.TarError, OSError, EOFError) as error:
-        if key is not None:
-            yield _wds_sample(key, members)
-            key = None
-        yield RawSample(f"{unit.unit_id}/<tar>", -1, None, error=("read", type(error).__name__, str(error)))
-    if key is not None:
-        yield _wds_sample(key, members)
+def _image_source(schema, name: str) -> tuple[Optional[str], Optional[str]]:
+    """(how the image column holds encoded images: "binary", "struct" or "null"; or the problem
+    that makes every row an error row). Strings, integers and lists hold no encoded image:
+    bytes() of an integer n would allocate n zero bytes."""
+    import pyarrow as pa
+
+    found = schema.get_all_field_indices(name)
+    if len(found) != 1:
+        return None, f"this file has {len(found)} columns named {name!r} (data.image_column); expected one"
+    kind = schema.field(found[0]).type
+    if pa.types.is_dictionary(kind):
+        kind = kind.value_type
+    if _is_binary(kind):
+        return "binary", None
+    if pa.types.is_null(kind):
+        return "null", None
+    if pa.types.is_struct(kind) and kind.get_field_index("bytes") >= 0:
+        inner = kind.field(kind.get_field_index("bytes")).type
+        if _is_binary(inner) or pa.types.is_null(inner):
+            return "struct", None
+    return None, (f"image column {name!r} has type {kind}; encoded images are binary or struct<bytes: binary> "
+                  "(data.image_column)")
+
+
+def _image_cells(column, source: str):
+    """The column's encoded images as a binary array (null where a row has none)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    if pa.types.is_dictionary(column.type):
+        column = column.dictionary_decode()
+    if source == "struct":
+        column = pc.struct_field(column, "bytes")  # null where the struct itself is null
+    if pa.types.is_null(column.type):
+        return None
+    if pa.types.is_binary_view(column.type):
+        column = column.cast(pa.large_binary())  # binary_length has no kernel for views
+    return column
+
+
+def _parquet_labels(column) -> list[tuple[int, Optional[str]]]:
+    """(label, problem) per cell of a label column; -1 where the cell is null."""
+    import pyarrow as pa
+
+    kind = column.type
+    if pa.types.is_dictionary(kind):
+        column, kind = column.dictionary_decode(), kind.value_type
+    if pa.types.is_integer(kind) or pa.types.is_floating(kind) or pa.types.is_decimal(kind):
+        convert = _label_from_number
+    elif pa.types.is_string(kind) or pa.types.is_large_string(kind) or pa.types.is_string_view(kind):
+        convert = _label_from_string
+    else:  # booleans, lists, structs, bytes, dates: no value of these types is a label
+        problem = f"the label is a {kind} value; {LABEL_RULE}"
+        return [(-1, problem) if valid else (-1, None) for valid in column.is_valid().to_pylist()]
+    return [(-1, None) if value is None else convert(value) for value in column.to_pylist()]
+
+
+def _parquet_id(value) -> str:
+    if isinstance(value, bytes):
+        return printable(value.decode("utf-8", "surrogateescape"))
+    return printable(str(value))
+
+
+def _single_column(schema, name: Optional[str]) -> Optional[str]:
+    return name if name and len(schema.get_all_field_indices(name)) == 1 else None
 
 
 def _parquet(unit: Unit, cfg: DataConfig) -> Iterator[RawSample]:
+    """One RawSample per row. A row whose label is no label, or whose image cell is empty or
+    larger than data.max_bytes, is that row's error row; an image column of a type that holds
+    no encoded images makes every row an error row; only damage to the file itself ends it."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
-    stem = os.path.splitext(os.path.basename(unit.shard.path))[0]
+    stem = printable(os.path.splitext(os.path.basename(unit.shard.path))[0])
     try:
-        file = pq.ParquetFile(unit.shard.path)
-        names = file.schema_arrow.names
-        columns = [cfg.image_column]
-        label_column = cfg.label_column if cfg.label_column in names else None
-        id_column = cfg.id_column if cfg.id_column in names else None
-        columns += [c for c in (label_column, id_column) if c]
-        row = unit.start  # default ids number rows from the file's start, whichever slice reads them
-        for batch in file.iter_batches(batch_size=256, columns=columns, row_groups=unit.row_groups):
-            images = batch.column(cfg.image_column).to_pylist()
-            labels = batch.column(label_column).to_pylist() if label_column else [None] * len(images)
-            ids = batch.column(id_column).to_pylist() if id_column else [None] * len(images)
-            for image, label, sample_id in zip(images, labels, ids):
-                sample_id = str(sample_id) if sample_id is not None else f"{stem}/{row}"
-                row += 1
-                if isinstance(image, dict):  # Hugging Face datasets: struct<bytes, path>
-                    image = image.get("bytes")
-                label = int(label) if label is not None else -1
-                if not image:
-                    yield RawSample(sample_id, label, None, error=("read", "MissingImage", "empty image cell"))
-                else:
-                    yield RawSample(sample_id, label, bytes(image))
-    except (OSError, ValueError) as error:  # pyarrow raises ArrowInvalid (a ValueError) / OSError
-        yield RawSample(f"{unit.unit_id}/<parquet>", -1, None, error=("read", type(error).__name__, str(error)))
+        # opened by its bytes: pyarrow encodes a str path as strict UTF-8, which fails for a file
+        # name that is not UTF-8
+        with pa.OSFile(os.fsencode(unit.shard.path)) as source_file:
+            file = pq.ParquetFile(source_file)
+            schema = file.schema_arrow
+            source, image_problem = _image_source(schema, cfg.image_column)
+            label_column = _single_column(schema, cfg.label_column)
+            id_column = _single_column(schema, cfg.id_column)
+            image_column = cfg.image_column if source in ("binary", "struct") else None
+            columns = [column for column in (image_column, label_column, id_column) if column]
+            row = unit.start  # default ids number rows from the file's start, whichever slice reads them
+            for batch in file.iter_batches(batch_size=256, columns=columns, row_groups=unit.row_groups):
+                count = batch.num_rows
+                cells = _image_cells(batch.column(image_column), source) if image_column else None
+                sizes = pc.binary_length(cells).to_pylist() if cells is not None else [None] * count
+                labels = _parquet_labels(batch.column(label_column)) if label_column else [(-1, None)] * count
+                ids = batch.column(id_column).to_pylist() if id_column else [None] * count
+                for index in range(count):
+                    sample_id = _parquet_id(ids[index]) if ids[index] is not None else f"{stem}/{row}"
+                    row += 1
+                    label, label_problem = labels[index]
+                    size = sizes[index]
+                    if image_problem is not None:
+                        error = ("UnsupportedImageColumn", image_problem)
+                    elif label_problem is not None:
+                        error = ("ValueError", label_problem)
+                    elif not size:
+                        error = ("MissingImage", "empty image cell")
+                    elif size > cfg.max_bytes:
+                        error = ("TooLarge", f"the image cell holds {size} bytes, more than "
+                                             f"data.max_bytes={cfg.max_bytes}")
+                    else:
+                        yield RawSample(sample_id, label, cells[index].as_py())  # one cell at a time, not the batch
+                        continue
+                    yield RawSample(sample_id, label, None, error=("read", *error))
+    except (OSError, ValueError, pa.ArrowException) as error:  # pyarrow: ArrowInvalid is a ValueError
+        yield RawSample(f"{unit.unit_id}/<parquet>", -1, None,
+                        error=("read", type(error).__name__, _describe_parquet_error(error)))
 
 
 def iter_samples(unit: Unit | Shard, cfg: DataConfig) -> Iterator[RawSample]:
     """The samples of a unit (a shard given here is read whole)."""
     unit = as_unit(unit)
     if unit.shard.format == "imagefolder":
-        return _imagefolder(unit)
+        return _imagefolder(unit, cfg)
     if unit.shard.format == "webdataset":
-        return _webdataset(unit)
+        return _webdataset(unit, cfg)
     return _parquet(unit, cfg)
