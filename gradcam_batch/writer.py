@@ -1,8 +1,12 @@
 """Arrow/Parquet output per work unit, in a background thread behind a bounded queue.
 
-Each unit's rows go to `cams/.part-<unit>.parquet.tmp` (pyarrow.dataset and globs such as
-`cams/*.parquet` skip it) and become `cams/part-<unit>.parquet` only when the unit is done:
-fsync, then an atomic rename. A complete part file is the resume marker. A unit is a whole
+Each unit's rows go to a temporary file under `<output.dir>/.tmp/` and become
+`cams/part-<unit>.parquet` only when the unit is done: fsync, then an atomic rename (the same
+filesystem, so the rename is atomic). Temporaries never sit in `cams/` or `errors/`, where any
+reader's glob (DuckDB's `cams/*` included, which does not skip hidden files) would pick them up,
+and their names end in `.tmp`, so not even a recursive `**/*.parquet` finds them. A complete part
+file is the resume marker; a resume still checks it (footer, schema, counts against the
+manifest) before trusting it, and redoes a unit whose files do not hold up. A unit is a whole
 shard (`part-<shard>.parquet`) or a slice of one (`part-<shard>@<start>-<end>.parquet`, holding
 samples start..end-1 of the shard).
 
@@ -16,11 +20,16 @@ resume redoes exactly the units without a file. The `shard` column keeps naming 
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import fcntl
 import json
 import logging
 import os
 import queue
+import socket
 import threading
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -28,7 +37,46 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from gradcam_batch import UserError
+from gradcam_batch.config import _parquet_codec
+
 log = logging.getLogger("gradcam_batch")
+
+TMP_DIR = ".tmp"
+LOCK_NAME = ".gradcam-batch.lock"
+MANIFEST_NAME = "_manifest.json"
+
+
+class OutputWriteError(Exception):
+    """Writing the output failed (a full disk, an I/O error, no permission): one line naming the
+    path and the OS's reason. The run stops with nothing half-written under a final name, and a
+    rerun once the cause is fixed resumes where it stopped."""
+
+
+def _os_reason(error: OSError) -> str:
+    # pyarrow's messages wrap the OS's reason in its own words ("Error writing bytes to file.
+    # Detail: [errno 28] ..."); the errno says it plainly.
+    if error.errno:
+        return os.strerror(error.errno)
+    return str(error).splitlines()[0] if str(error) else type(error).__name__
+
+
+@contextlib.contextmanager
+def _writing(path: Path, doing: str = "write"):
+    """Turn an OSError into an OutputWriteError that names `path`."""
+    try:
+        yield
+    except OSError as error:
+        hint = ("free some space, then rerun: the run resumes where it stopped" if error.errno == errno.ENOSPC
+                else "fix that, then rerun: the run resumes where it stopped")
+        raise OutputWriteError(f"cannot {doing} {path}: {_os_reason(error)}; {hint}") from error
+
+
+def _temporary(output_dir: Path, final: Path) -> Path:
+    """Where `final` is written before its rename: under .tmp/, named for the folder and file it
+    becomes, and unique, so that two writers of one unit (a straggling rank of a dead job and
+    its rerun) never write into the same file."""
+    return output_dir / TMP_DIR / f"{final.parent.name}.{final.name}.{uuid.uuid4().hex[:12]}.tmp"
 
 CAM_SCHEMA = pa.schema([
     ("sample_id", pa.string()),
@@ -126,23 +174,48 @@ def _error_table(shard_id: str, errors: list[tuple[str, str, str, str]], schema:
 
 
 def _fsync_rename(tmp: Path, final: Path) -> None:
-    with open(tmp, "rb") as handle:
-        os.fsync(handle.fileno())
-    os.replace(tmp, final)
-    directory = os.open(final.parent, os.O_RDONLY)
+    with _writing(final):
+        with open(tmp, "rb") as handle:
+            os.fsync(handle.fileno())
+        os.replace(tmp, final)
+        directory = os.open(final.parent, os.O_RDONLY)
+        try:
+            os.fsync(directory)
+        finally:
+            os.close(directory)
+
+
+def _write_table(table: pa.Table, final: Path, output_dir: Path, compression: str) -> None:
+    """One whole file under `final`, or nothing: written aside, fsynced, renamed."""
+    tmp = _temporary(output_dir, final)
     try:
-        os.fsync(directory)
+        with _writing(tmp):
+            pq.write_table(table, tmp, compression=compression)
+        _fsync_rename(tmp, final)
     finally:
-        os.close(directory)
+        tmp.unlink(missing_ok=True)  # only still there if the write or the rename failed
 
 
 class _OpenUnit:
-    def __init__(self, directory: Path, unit_id: str, schema: pa.Schema, compression: str):
+    def __init__(self, output_dir: Path, directory: Path, unit_id: str, schema: pa.Schema, compression: str):
         self.final = directory / part_name(unit_id)
-        self.tmp = directory / f".{part_name(unit_id)}.tmp"
-        self.writer = pq.ParquetWriter(self.tmp, schema, compression=compression)
+        self.tmp = _temporary(output_dir, self.final)
+        with _writing(self.tmp):
+            try:
+                self.writer = pq.ParquetWriter(self.tmp, schema, compression=compression)
+            except BaseException:
+                self.tmp.unlink(missing_ok=True)  # pyarrow creates the file before it can fail
+                raise
         self.errors: list[tuple[str, str, str, str]] = []
         self.rows = 0
+
+    def discard(self) -> None:
+        """Drop an unfinished unit: no file stays behind, not even under .tmp/."""
+        try:
+            self.writer.close()
+        except Exception as error:  # noqa: BLE001 -- the file is deleted next; its write already failed
+            log.debug("closing the unfinished %s failed: %r", self.tmp, error)
+        self.tmp.unlink(missing_ok=True)
 
 
 class ParquetShardWriter:
@@ -150,11 +223,16 @@ class ParquetShardWriter:
     host memory; an exception in the thread is re-raised in the caller at the next call."""
 
     def __init__(self, output_dir: str | Path, metadata: dict, compression: str = "zstd", queue_size: int = 8):
+        # OutputConfig already refuses a bad codec; checked again here because pyarrow only
+        # notices it after creating the file, in the writer thread.
+        if not _parquet_codec(compression):
+            raise ValueError(f"output.compression={compression!r} is not a Parquet codec this pyarrow has")
         self.output_dir = Path(output_dir)
         self.cam_dir = self.output_dir / "cams"
         self.error_dir = self.output_dir / "errors"
-        self.cam_dir.mkdir(parents=True, exist_ok=True)
-        self.error_dir.mkdir(parents=True, exist_ok=True)
+        for folder in (self.cam_dir, self.error_dir, self.output_dir / TMP_DIR):
+            with _writing(folder, "create"):
+                folder.mkdir(parents=True, exist_ok=True)
         encoded = {METADATA_KEY: json.dumps(metadata, default=str).encode()}
         self.cam_schema = CAM_SCHEMA.with_metadata(encoded)
         self.error_schema = ERROR_SCHEMA.with_metadata(encoded)
@@ -182,28 +260,32 @@ class ParquetShardWriter:
     def _write(self, out: ShardOutput) -> None:
         unit = self.open.get(out.unit)
         if unit is None:
-            unit = self.open[out.unit] = _OpenUnit(self.cam_dir, out.unit, self.cam_schema, self.compression)
+            unit = self.open[out.unit] = _OpenUnit(self.output_dir, self.cam_dir, out.unit, self.cam_schema,
+                                                   self.compression)
         if len(out.sample_ids):
             table = cam_table(out)
-            unit.writer.write_table(table)
+            with _writing(unit.tmp):
+                unit.writer.write_table(table)
             unit.rows += table.num_rows
         unit.errors.extend(out.errors)
         if out.last:
-            unit.writer.close()
+            with _writing(unit.tmp):
+                unit.writer.close()
             # errors first: the cams part file is the unit's completion marker
             error_final = self.error_dir / part_name(out.unit)
             if unit.errors:
-                error_tmp = self.error_dir / f".{part_name(out.unit)}.tmp"
-                pq.write_table(_error_table(out.shard_id, unit.errors, self.error_schema), error_tmp,
-                               compression=self.compression)
-                _fsync_rename(error_tmp, error_final)
+                _write_table(_error_table(out.shard_id, unit.errors, self.error_schema), error_final,
+                             self.output_dir, self.compression)
             else:
-                error_final.unlink(missing_ok=True)  # left by an earlier, interrupted attempt
+                with _writing(error_final, "delete"):
+                    error_final.unlink(missing_ok=True)  # left by an earlier, interrupted attempt
             _fsync_rename(unit.tmp, unit.final)
             self.unit_counts[out.unit] = {"rows": unit.rows, "errors": len(unit.errors)}
             del self.open[out.unit]
 
     def _raise_failure(self) -> None:
+        if isinstance(self._failure, OutputWriteError):
+            raise OutputWriteError(str(self._failure)) from self._failure
         if self._failure is not None:
             raise RuntimeError(f"the Parquet writer failed: {self._failure!r}") from self._failure
 
@@ -221,8 +303,7 @@ class ParquetShardWriter:
         self.queue.put(None)
         self._thread.join()
         for unit in self.open.values():
-            unit.writer.close()
-            unit.tmp.unlink(missing_ok=True)
+            unit.discard()
         self.open.clear()
         self._raise_failure()
 
@@ -234,8 +315,6 @@ class ParquetShardWriter:
 
 
 # --- run manifest: what the output directory holds and how it was made ----------------------
-
-MANIFEST_NAME = "_manifest.json"
 # Config keys that change what the rows mean; runtime, batch size, workers and the output
 # location do not, so a resume may change them. Nor does data.unit_size: a resume keeps the
 # split its manifest recorded.
@@ -266,11 +345,17 @@ def read_manifest(output_dir: str | Path) -> dict | None:
 
 
 def write_manifest(output_dir: str | Path, manifest: dict) -> None:
-    final = Path(output_dir) / MANIFEST_NAME
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.with_name(f".{MANIFEST_NAME}.tmp")
-    tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True, default=str) + "\n")
-    _fsync_rename(tmp, final)
+    output_dir = Path(output_dir)
+    final = output_dir / MANIFEST_NAME
+    with _writing(output_dir / TMP_DIR, "create"):
+        (output_dir / TMP_DIR).mkdir(parents=True, exist_ok=True)
+    tmp = _temporary(output_dir, final)
+    try:
+        with _writing(tmp):
+            tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True, default=str) + "\n")
+        _fsync_rename(tmp, final)
+    finally:
+        tmp.unlink(missing_ok=True)  # only still there if the write or the rename failed
 
 
 def counts_on_disk(output_dir: str | Path, unit_ids: list[str]) -> dict[str, dict[str, int]]:
@@ -287,11 +372,180 @@ def counts_on_disk(output_dir: str | Path, unit_ids: list[str]) -> dict[str, dic
     return counts
 
 
-def clear_output(output_dir: str | Path) -> None:
-    """Remove what an earlier run wrote (output.overwrite=true); other files stay."""
-    import shutil
+# --- what in an output folder is ours ------------------------------------------------------------
 
-    output_dir = Path(output_dir)
+def _ours(output_dir: Path) -> list[Path]:
+    """Every file this tool writes in an output folder, and nothing else: part files, the
+    temporaries (under .tmp/, and where earlier versions kept them) and the manifest. Not the
+    lock file, which stays for the next run to lock (deleting a lock file lets two runs hold
+    two different files of one name)."""
+    files = [*(output_dir / TMP_DIR).glob("*"), output_dir / f".{MANIFEST_NAME}.tmp", output_dir / MANIFEST_NAME]
     for folder in ("cams", "errors"):
-        shutil.rmtree(output_dir / folder, ignore_errors=True)
-    (output_dir / MANIFEST_NAME).unlink(missing_ok=True)
+        files += [*(output_dir / folder).glob("part-*.parquet"), *(output_dir / folder).glob(".part-*.parquet.tmp")]
+    return [path for path in files if path.is_file() and not path.is_symlink()]
+
+
+def _delete(paths: list[Path]) -> None:
+    for path in paths:
+        with _writing(path, "delete"):
+            path.unlink(missing_ok=True)
+
+
+def clean_temporaries(output_dir: str | Path) -> None:
+    """Remove the temporaries a killed run left. Only while holding the folder's lock, before
+    any rank writes: then every temporary is stale."""
+    output_dir = Path(output_dir)
+    _delete([path for path in _ours(output_dir) if path.name.endswith(".tmp")])
+
+
+def clear_output(output_dir: str | Path) -> None:
+    """Remove what an earlier run wrote (output.overwrite=true): only this tool's files; the
+    user's own files, in the output folder or in cams/ and errors/, stay."""
+    _delete(_ours(Path(output_dir)))
+
+
+def foreign_entry(output_dir: str | Path) -> str | None:
+    """The first entry (relative path) of `output_dir` that this tool would not have written,
+    or None: says whether a folder without a manifest was ever an output folder."""
+    output_dir = Path(output_dir)
+    if not output_dir.is_dir():
+        return None
+    # demo-data/ is where the bare demo generates its shards when data.root is unset
+    known = {"cams", "errors", TMP_DIR, LOCK_NAME, MANIFEST_NAME, f".{MANIFEST_NAME}.tmp", "demo-data"}
+    ours = set(_ours(output_dir))
+    for entry in sorted(output_dir.iterdir()):
+        if entry.name not in known or (entry.name in ("cams", "errors") and not entry.is_dir()):
+            return entry.name
+        if entry.name in ("cams", "errors"):
+            for inner in sorted(entry.iterdir()):
+                if inner not in ours:
+                    return f"{entry.name}/{inner.name}"
+    return None
+
+
+def _part_counts(part: Path, errors: Path, recorded: dict | None) -> tuple[dict[str, int] | None, str]:
+    """A complete unit's rows and errors if its files hold up, else None and why (naming the file)."""
+    def footer(path: Path, schema: pa.Schema) -> tuple[int | None, str]:
+        where = f"{path.parent.name}/{path.name}"
+        try:
+            metadata = pq.read_metadata(path)
+        except (OSError, ValueError, pa.ArrowException) as error:
+            reason = (str(error).splitlines() or [type(error).__name__])[0][:200]
+            return None, f"{where} is unreadable ({reason})"
+        if not metadata.schema.to_arrow_schema().remove_metadata().equals(schema):
+            return None, f"{where} does not have the columns this version writes"
+        if sum(metadata.row_group(i).num_rows for i in range(metadata.num_row_groups)) != metadata.num_rows:
+            return None, f"{where} has a footer whose row groups do not add up"
+        return metadata.num_rows, ""
+
+    recorded = recorded or {}
+    rows, problem = footer(part, CAM_SCHEMA)
+    if rows is None:
+        return None, problem
+    if recorded.get("rows") is not None and rows != recorded["rows"]:
+        return None, f"cams/{part.name} holds {rows} rows where the manifest recorded {recorded['rows']}"
+    error_rows = 0
+    if errors.is_file():
+        error_rows, problem = footer(errors, ERROR_SCHEMA)
+        if error_rows is None:
+            return None, problem
+    if recorded.get("errors") is not None and error_rows != recorded["errors"]:
+        return None, (f"errors/{errors.name} holds {error_rows} error rows where the manifest recorded "
+                      f"{recorded['errors']}")
+    return {"rows": rows, "errors": error_rows}, ""
+
+
+def check_parts(output_dir: str | Path, unit_ids: list[str], recorded: dict[str, dict]) -> dict[str, dict[str, int]]:
+    """Rows and errors of every complete unit whose files hold up: the footer parses, the
+    columns are ours, and the counts match what the manifest recorded (where it did). A unit
+    that fails is deleted, with one line saying why, and so redone; a damaged file never
+    crashes a resume. Rank 0 only, under the lock, before any rank writes."""
+    output_dir = Path(output_dir)
+    counts = {}
+    for unit_id in unit_ids:
+        part, errors = output_dir / "cams" / part_name(unit_id), output_dir / "errors" / part_name(unit_id)
+        if not part.is_file():
+            continue
+        unit_counts, problem = _part_counts(part, errors, recorded.get(unit_id))
+        if unit_counts is not None:
+            counts[unit_id] = unit_counts
+            continue
+        log.warning("%s; redoing that unit", problem)
+        _delete([part, errors])  # the cams file first: it is the unit's completion marker
+    return counts
+
+
+# --- one run per output folder --------------------------------------------------------------------
+
+class OutputLock:
+    """An output folder is held by one run at a time: an OS lock on `<output.dir>/.gradcam-batch.lock`,
+    which the kernel drops when the process ends, however it ends (kill -9 included), so no
+    stale lock is ever left to clear by hand.
+
+    Two bytes of the file are locked. Byte 0 is the run: rank 0 holds it exclusively. Byte 1 is
+    its ranks: every rank holds it shared, and a new run's rank 0 needs it exclusively, briefly,
+    so a new run is also refused while any rank of an old job (one that lost its rank 0 but
+    goes on writing its units) is alive. Rank 0 takes the lock before any rank writes
+    (`OutputLock(dir)`); the other ranks join once it holds (`OutputLock(dir, join=True)`).
+
+    POSIX record locks (lockf), not flock: a flock belongs to the open file, which forked
+    DataLoader workers share, so after a kill -9 of the run its orphaned workers would keep
+    the folder locked until they noticed and exited; a record lock belongs to the process
+    and is not inherited by fork. It also works on NFS. The price of record locks: closing any
+    descriptor of the lock file drops the process's lock, so nothing else may open it while
+    the lock is held (only this class does)."""
+
+    _RUN, _RANKS = 0, 1
+
+    def __init__(self, output_dir: str | Path, join: bool = False):
+        output_dir = Path(output_dir)
+        self.path = output_dir / LOCK_NAME
+        with _writing(self.path, "create"):
+            output_dir.mkdir(parents=True, exist_ok=True)
+            self._fd: int | None = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            if join:
+                if not self._lock(fcntl.LOCK_SH, self._RANKS):
+                    raise UserError(f"output.dir={str(output_dir)!r} was taken by another run as this one started")
+                return
+            if not self._lock(fcntl.LOCK_EX, self._RUN):
+                holder = os.pread(self._fd, 200, 0).decode(errors="replace").strip()
+                raise UserError(f"output.dir={str(output_dir)!r} is in use by another run"
+                                f"{f' ({holder})' if holder else ''}; wait for it to finish or use another output.dir")
+            if not self._lock(fcntl.LOCK_EX, self._RANKS):
+                raise UserError(f"output.dir={str(output_dir)!r} is still held by a rank of another run whose rank 0 "
+                                "has gone; wait for that rank to exit (or stop it), then rerun")
+            self._lock(fcntl.LOCK_SH, self._RANKS)  # downgraded, so this run's other ranks can join
+            self._note_holder()
+        except BaseException:
+            self.release()
+            raise
+
+    def _lock(self, kind: int, byte: int) -> bool:
+        try:
+            fcntl.lockf(self._fd, kind | fcntl.LOCK_NB, 1, byte)
+        except OSError as error:
+            if error.errno in (errno.EACCES, errno.EAGAIN):
+                return False
+            with _writing(self.path, "lock"):
+                raise
+        return True
+
+    def _note_holder(self) -> None:
+        # Only for the message a refused run prints; a full disk must not stop the run here.
+        try:
+            os.ftruncate(self._fd, 0)
+            os.pwrite(self._fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
+        except OSError as error:
+            log.debug("could not note the lock holder in %s: %r", self.path, error)
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    def __enter__(self) -> "OutputLock":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()

@@ -34,3 +34,41 @@ def run_composed(*overrides: str):
 
 def read_cams(output_dir: Path):
     return ds.dataset(Path(output_dir) / "cams", format="parquet").to_table()
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def start_ranks(log_dir: Path, *overrides: str, world_size: int = 2, env: dict | None = None) -> list[subprocess.Popen]:
+    """The ranks of one job as separate processes, launched the way SLURM's srun does (RANK,
+    WORLD_SIZE, MASTER_ADDR/PORT), so a test can signal one rank and read each one's output.
+    Rank r writes to log_dir/rank<r>.out and .err."""
+    log_dir.mkdir(parents=True, exist_ok=True)
+    base = {**os.environ, "PYTHONWARNINGS": "ignore", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()),
+            "WORLD_SIZE": str(world_size), **(env or {})}
+    processes = []
+    for rank in range(world_size):
+        with open(log_dir / f"rank{rank}.out", "w") as out, open(log_dir / f"rank{rank}.err", "w") as err:
+            processes.append(subprocess.Popen(
+                [sys.executable, "-m", "gradcam_batch", *overrides], stdout=out, stderr=err,
+                env={**base, "RANK": str(rank), "LOCAL_RANK": str(rank)}))
+    return processes
+
+
+def finish_ranks(log_dir: Path, processes: list[subprocess.Popen], timeout: float = 300) -> list[tuple[int, str, str]]:
+    """(exit code, stdout, stderr) of every rank; kills all of them if one overruns."""
+    try:
+        for process in processes:
+            process.wait(timeout=timeout)
+    finally:
+        for process in processes:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+    return [(process.returncode, (log_dir / f"rank{rank}.out").read_text(), (log_dir / f"rank{rank}.err").read_text())
+            for rank, process in enumerate(processes)]

@@ -1,5 +1,6 @@
 """Parquet output: schema, values, metadata, atomic completion, errors, failure reporting."""
 
+import errno
 import json
 
 import numpy as np
@@ -7,6 +8,7 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 import pytest
 
+from gradcam_batch import writer as writer_module
 from gradcam_batch.writer import METADATA_KEY, ParquetShardWriter, ShardOutput, completed_units
 
 
@@ -54,15 +56,21 @@ def test_part_file_appears_only_when_complete(tmp_path):
     assert writer.unit_counts == {"s1": {"rows": 6, "errors": 1}}
 
 
-def test_hidden_temporary_is_invisible_to_readers(tmp_path):
+def test_temporaries_live_outside_the_folders_readers_glob(tmp_path):
     writer = ParquetShardWriter(tmp_path, {})
     writer.submit(output("s0", last=True))
-    writer.submit(output("s1", last=False))
+    writer.submit(output("s1", last=False, errors=[("s1/x", "decode", "ValueError", "bad")]))
     writer.flush()
-    names = sorted(p.name for p in (tmp_path / "cams").iterdir())
-    assert names == [".part-s1.parquet.tmp", "part-s0.parquet"]
-    assert ds.dataset(tmp_path / "cams", format="parquet").to_table().num_rows == 6  # the .tmp is skipped
+    assert sorted(p.name for p in (tmp_path / "cams").iterdir()) == ["part-s0.parquet"]
+    assert not list((tmp_path / "errors").iterdir())
+    for path in (tmp_path / "cams").iterdir():  # what DuckDB's glob of cams/* reads: whole files only
+        pq.read_table(path)
+    assert ds.dataset(tmp_path / "cams", format="parquet").to_table().num_rows == 6
+    in_progress = [p.name for p in (tmp_path / ".tmp").iterdir()]
+    assert len(in_progress) == 1 and in_progress[0].startswith("cams.part-s1.parquet.")
+    assert not in_progress[0].endswith(".parquet")  # nor does a recursive glob of **/*.parquet find it
     writer.close()
+    assert not list((tmp_path / ".tmp").iterdir())
 
 
 def test_writer_failure_reaches_the_caller(tmp_path):
@@ -72,3 +80,25 @@ def test_writer_failure_reaches_the_caller(tmp_path):
     writer.submit(broken)
     with pytest.raises(RuntimeError, match="Parquet writer failed"):
         writer.close()
+
+
+def test_a_codec_pyarrow_lacks_is_refused_before_any_file_exists(tmp_path):
+    with pytest.raises(ValueError, match="output.compression='bogus'"):
+        ParquetShardWriter(tmp_path, {}, compression="bogus")
+    assert not [p for p in tmp_path.rglob("*") if p.is_file()]
+
+
+def test_a_full_disk_names_the_path_and_leaves_nothing_half_written(tmp_path, monkeypatch):
+    def full(self, table, *args, **kwargs):
+        raise OSError(errno.ENOSPC, "Error writing bytes to file. Detail: [errno 28] No space left on device")
+
+    writer = ParquetShardWriter(tmp_path, {})
+    writer.submit(output("s0", last=True, errors=[("s0/x", "decode", "ValueError", "bad")]))
+    writer.flush()
+    monkeypatch.setattr(pq.ParquetWriter, "write_table", full)
+    writer.submit(output("s1", last=True, errors=[("s1/x", "decode", "ValueError", "bad")]))
+    with pytest.raises(writer_module.OutputWriteError,
+                       match=rf"^cannot write {tmp_path}/\.tmp/cams\.part-s1\.parquet\.\S+: No space left on device"):
+        writer.close()
+    files = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*") if p.is_file())
+    assert files == ["cams/part-s0.parquet", "errors/part-s0.parquet"]
