@@ -70,7 +70,8 @@ class DataConfig:
     image_column: str = "image"
     """parquet: column with the encoded image (binary, or a struct with a `bytes` field)."""
     label_column: Optional[str] = "label"
-    """parquet: integer label column; missing column means unknown labels."""
+    """parquet: integer label column. The default `label` may be missing (labels unknown); any other
+    name must be a column of the data, and null reads no labels."""
     id_column: Optional[str] = None
     """parquet: sample id column; without it ids are `<shard stem>/<row index>`."""
     resize: int = 256

@@ -166,8 +166,8 @@ def build_model(cfg: ModelConfig) -> nn.Module:
     return model
 
 
-def _spatial_output_modules(model: nn.Module, sample: torch.Tensor) -> list[tuple[str, tuple]]:
-    """(name, output shape) of every module with a 4-D output, in the order outputs complete."""
+def _output_shapes(model: nn.Module, sample: torch.Tensor) -> list[tuple[str, tuple]]:
+    """(name, output shape) of every module with a tensor output, in the order outputs complete."""
     seen: list[tuple[str, tuple]] = []
     handles = []
     for name, module in model.named_modules():
@@ -175,7 +175,7 @@ def _spatial_output_modules(model: nn.Module, sample: torch.Tensor) -> list[tupl
             continue
 
         def hook(module, inputs, output, name=name):
-            if isinstance(output, torch.Tensor) and output.dim() == 4:
+            if isinstance(output, torch.Tensor):
                 seen.append((name, tuple(output.shape)))
 
         handles.append(module.register_forward_hook(hook))
@@ -197,14 +197,19 @@ def resolve_target_layer(model: nn.Module, requested: str, sample: torch.Tensor)
             close = difflib.get_close_matches(requested, [n for n in modules if n], n=3)
             hint = f"; did you mean {', '.join(close)}?" if close else ""
             raise UserError(f"model.target_layer={requested!r} is not a module of this model{hint}")
-        shapes = dict(_spatial_output_modules(model, sample))
-        shape = shapes.get(requested)
-        if shape is not None and shape[2] * shape[3] == 1:
+        shape = dict(_output_shapes(model, sample)).get(requested)
+        if shape is None:
+            raise UserError(f"model.target_layer={requested!r} gives no tensor in the forward pass (unused, or "
+                            "it returns a tuple); pick a layer on the path to the logits")
+        if len(shape) != 4:
+            raise UserError(f"model.target_layer={requested!r} outputs shape {shape}, not a (B, C, H, W) map; "
+                            "pick a convolutional layer (model.target_layer=auto picks the last one)")
+        if shape[2] * shape[3] == 1:
             raise UserError(f"model.target_layer={requested!r} outputs 1x1 maps (shape {shape}): a map of one "
                             "cell shows no location; pick an earlier layer (model.target_layer=auto picks "
                             "the last one with a spatial output)")
         return requested, modules[requested]
-    candidates = [name for name, shape in _spatial_output_modules(model, sample) if shape[2] * shape[3] > 1]
+    candidates = [name for name, shape in _output_shapes(model, sample) if len(shape) == 4 and shape[2] * shape[3] > 1]
     if not candidates:
         raise UserError("model.target_layer=auto found no module with a spatial 4-D output; "
                         "name one with model.target_layer=NAME")

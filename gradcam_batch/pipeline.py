@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import platform
 import time
 from dataclasses import asdict, dataclass
@@ -24,12 +25,14 @@ from gradcam_batch.data.demo import ensure_demo_shards
 from gradcam_batch.data.device_decode import DeviceDecoder
 from gradcam_batch.data.loader import build_loader
 from gradcam_batch.data.prefetch import DecodeBalance, DevicePrefetcher, Preprocess
-from gradcam_batch.data.shards import Shard, Unit, list_shards, list_units, listing_change, listing_record
+from gradcam_batch.data.shards import (Shard, Unit, check_output_apart, list_shards, list_units, listing_change,
+                                       listing_record)
 from gradcam_batch.engine import CamEngine, CamResult
 from gradcam_batch.models import build_model, resolve_target_layer
 from gradcam_batch.timing import RunClock
-from gradcam_batch.writer import (MANIFEST_NAME, ParquetShardWriter, ShardOutput, clear_output, completed_units,
-                                  config_hash, config_identity, counts_on_disk, read_manifest, write_manifest)
+from gradcam_batch.writer import (MANIFEST_NAME, OutputLock, OutputWriteError, ParquetShardWriter, ShardOutput,
+                                  check_parts, clean_temporaries, clear_output, completed_units, config_hash,
+                                  config_identity, counts_on_disk, foreign_entry, read_manifest, write_manifest)
 
 log = logging.getLogger("gradcam_batch")
 
@@ -50,6 +53,13 @@ class Summary:
     seconds_to_first_batch: float | None = None  # process start to the first finished batch (slowest rank)
     seconds_to_first_batch_after_imports: float | None = None  # the same from the pipeline's start
     steady_images_per_second: float | None = None  # after the warm-up batches, all ranks together
+    stored_rows: int | None = None  # rows and errors in the whole output folder, earlier runs included
+    stored_errors: int | None = None
+    stored_units: int | None = None
+
+    @property
+    def samples_seen(self) -> int:
+        return self.images + self.errors
 
     @property
     def pointing_game(self) -> float | None:
@@ -66,11 +76,21 @@ class Summary:
         return lines
 
     def lines(self) -> list[str]:
+        if self.shards_written == 0 and self.shards_skipped and self.stored_rows is not None:
+            # a rerun of a finished run: say so, and show what the folder holds
+            lines = [f"nothing to do: all {self.shards_skipped} units were already complete",
+                     f"stored      {self.stored_rows} rows, {self.stored_errors} errors in {self.stored_units} units",
+                     f"layer       {self.target_layer}",
+                     f"output      {Path(self.output_dir).resolve() / 'cams'}"]
+            if self.pointing_game is not None:
+                lines.append(f"pointing    {self.pointing_game:.3f} ({self.pointing_hits}/{self.pointing_total} "
+                             "maps peak inside the object box, stored)")
+            return lines
         lines = [
             f"images      {self.images}",
             f"rows        {self.rows}",
             f"errors      {self.errors}",
-            f"shards      {self.shards_written} written, {self.shards_skipped} already complete",
+            f"units       {self.shards_written} written, {self.shards_skipped} already complete",
             f"throughput  {self.images_per_second:.1f} img/s ({self.seconds:.1f} s)",
             *self._start_up_lines(),
             f"layer       {self.target_layer}",
@@ -141,6 +161,65 @@ def _metadata(cfg: Config, resolved: dict, layer: str) -> dict:
     }
 
 
+def hold_output(output_dir: Path, overwrite: bool) -> OutputLock:
+    """Take the output folder for this run: rank 0 locks it before any rank writes, then the
+    other ranks join its lock. Refused on rank 0 (another run holds the folder, or overwrite
+    would clear a folder that is not ours), every rank raises the same one-line error rather
+    than wait at the next collective for a rank that has left."""
+    lock, failure = None, None
+    if dist.is_main():
+        try:
+            if overwrite:
+                refuse_foreign_folder(output_dir)  # before the lock file, which would be one more file there
+            lock = OutputLock(output_dir)
+        except (UserError, OutputWriteError) as error:
+            failure = error
+    failure = dist.gather(failure, "the output folder's lock")[0]
+    if failure is not None:
+        raise failure
+    return lock if lock is not None else OutputLock(output_dir, join=True)
+
+
+def refuse_foreign_folder(output_dir: Path) -> None:
+    """output.overwrite=true deletes only this tool's files, and only in a folder that was an
+    output folder: one holding anything else and no manifest is likely a wrong path."""
+    if (output_dir / MANIFEST_NAME).is_file():
+        return
+    foreign = foreign_entry(output_dir)
+    if foreign is not None:
+        raise UserError(f"output.dir={str(output_dir)!r} holds {foreign} and no {MANIFEST_NAME}: it is not an output "
+                        "folder of gradcam-batch, and output.overwrite=true only replaces those; "
+                        "use a new or empty output.dir")
+
+
+def prepare_output(output_dir: Path, overwrite: bool, manifest: dict | None, unit_ids: list[str]) -> dict:
+    """Rank 0, holding the lock, before any rank writes: clear the folder (overwrite) or drop
+    stale temporaries and the units whose files do not hold up. Returns the rows and errors of
+    the complete units, for the manifest, so a resume that is itself interrupted keeps them."""
+    if overwrite:
+        clear_output(output_dir)
+        return {}
+    clean_temporaries(output_dir)
+    return check_parts(output_dir, unit_ids, (manifest or {}).get("units") or {})
+
+
+def check_output_dir(output_dir: Path) -> None:
+    """output.dir can be created and written: checked before anything else runs, so a wrong
+    path is one line, not a traceback after the model was built."""
+    existing = output_dir
+    while not existing.exists():
+        if existing.is_symlink() or existing.parent == existing:  # a dangling link, or no parent at all
+            break
+        existing = existing.parent
+    what = "output.dir" if existing == output_dir else f"output.dir's parent {str(existing)!r}"
+    if existing.exists() and not existing.is_dir():
+        raise UserError(f"output.dir={str(output_dir)!r}: {what} is a file, not a folder; "
+                        "pass a folder path (it is created if missing)")
+    if not existing.exists() or not os.access(existing, os.W_OK | os.X_OK):
+        raise UserError(f"output.dir={str(output_dir)!r}: {what} cannot be written by this user; "
+                        "pass a folder you can write to")
+
+
 def check_resume(output_dir: Path, resolved: dict, overwrite: bool) -> dict | None:
     """Refuse to mix rows of different runs in one output directory; returns the manifest a
     resume continues (None for a fresh start)."""
@@ -151,6 +230,10 @@ def check_resume(output_dir: Path, resolved: dict, overwrite: bool) -> dict | No
         if any((output_dir / "cams").glob("part-*.parquet")):
             raise UserError(f"output.dir={str(output_dir)!r} holds part files but no {MANIFEST_NAME}; "
                             "use another output.dir or output.overwrite=true")
+        return None
+    if manifest.get("config_hash") != config_hash(resolved) and not completed_units(output_dir):
+        # a run that completed no unit (a mistake stopped it) holds nothing to protect
+        log.info("%s holds no complete unit of its earlier run; starting afresh", output_dir)
         return None
     if manifest.get("config_hash") != config_hash(resolved):
         before, now = manifest.get("identity", {}), config_identity(resolved)
@@ -211,6 +294,7 @@ def _shard_counts(units: list[Unit], counts: dict[str, dict[str, int]]) -> dict[
 
 def _prepare(cfg: Config, device: torch.device):
     """Everything that can fail on user input, before anything is written."""
+    check_output_apart(cfg.data, cfg.output.dir)  # first: it takes a moment, the model takes seconds
     if cfg.runtime.threads:
         torch.set_num_threads(cfg.runtime.threads)
     amp_dtype = resolve_amp(cfg.runtime.amp, device)
@@ -239,21 +323,24 @@ def run(cfg: Config, resolved: dict | None = None) -> Summary:
     resolved = resolved or {}
     output_dir = Path(cfg.output.dir)
     device = resolve_device(cfg.runtime.device)
-    dist.init(device)
+    dist.init(device, cfg.runtime.dist_timeout_minutes)
+    lock = None
     try:
+        check_output_dir(output_dir)
         channels_last, engine, layer_name, shards = _prepare(cfg, device)
+        lock = hold_output(output_dir, cfg.output.overwrite)
         manifest = check_resume(output_dir, resolved, cfg.output.overwrite)
         units, unit_size, listing = work_units(cfg, output_dir, shards, manifest)
         digest = hashlib.sha256(json.dumps(listing, sort_keys=True).encode()).hexdigest()
-        if len(set(dist.gather(digest))) > 1:  # each rank lists for itself; all must cut alike
+        if len(set(dist.gather(digest, "the start (listing the data)"))) > 1:  # each rank lists for itself
             raise UserError("the ranks listed different data (a shard changed while the job started); rerun")
         all_ids = [unit.unit_id for unit in units]
-        dist.barrier()  # every rank has checked the old manifest before rank 0 replaces it
+        dist.barrier("the start (reading the old manifest)")  # every rank has read it before rank 0 replaces it
         if dist.is_main():
-            if cfg.output.overwrite:
-                clear_output(output_dir)
-            write_manifest(output_dir, _manifest(cfg, resolved, layer_name, unit_size, listing, "running"))
-        dist.barrier()
+            verified = prepare_output(output_dir, cfg.output.overwrite, manifest, all_ids)
+            write_manifest(output_dir, _manifest(cfg, resolved, layer_name, unit_size, listing, "running",
+                                                 units=verified))
+        dist.barrier("the start (the output folder prepared)")
         mine = dist.assign(units, dist.rank(), dist.world_size())
         done = completed_units(output_dir)
         todo = [unit for unit in mine if unit.unit_id not in done]
@@ -266,7 +353,7 @@ def run(cfg: Config, resolved: dict | None = None) -> Summary:
         local["shards_skipped"] = len(mine) - len(todo)
         local["seconds"] = time.perf_counter() - start
         local.update(clock.as_dict())
-        ranks = dist.gather(local)
+        ranks = dist.gather(local, "the end of the run (every rank's last unit)")
         summary = Summary(
             images=sum(r["images"] for r in ranks), rows=sum(r["rows"] for r in ranks),
             errors=sum(r["errors"] for r in ranks), shards_written=sum(r["shards_written"] for r in ranks),
@@ -279,10 +366,19 @@ def run(cfg: Config, resolved: dict | None = None) -> Summary:
         if dist.is_main():
             counts = counts_on_disk(output_dir, all_ids)
             missing = [unit_id for unit_id in all_ids if unit_id not in counts]
+            # the pointing game over every unit of the folder: earlier runs' maps plus this run's
+            stored_pointing = (manifest or {}).get("pointing") or {"hits": 0, "total": 0}
+            pointing = {"hits": stored_pointing.get("hits", 0) + summary.pointing_hits,
+                        "total": stored_pointing.get("total", 0) + summary.pointing_total}
+            summary.stored_rows = sum(c["rows"] for c in counts.values())
+            summary.stored_errors = sum(c["errors"] for c in counts.values())
+            summary.stored_units = len(counts)
+            if summary.shards_written == 0:
+                summary.pointing_hits, summary.pointing_total = pointing["hits"], pointing["total"]
             write_manifest(output_dir, _manifest(
                 cfg, resolved, layer_name, unit_size, listing, "complete" if not missing else "incomplete",
-                shards=_shard_counts(units, counts), units=counts, rows=sum(c["rows"] for c in counts.values()),
-                errors=sum(c["errors"] for c in counts.values()),
+                shards=_shard_counts(units, counts), units=counts, rows=summary.stored_rows,
+                errors=summary.stored_errors, pointing=pointing,
                 this_run={"images": summary.images, "rows": summary.rows, "errors": summary.errors,
                           "seconds": round(summary.seconds, 3),
                           "images_per_second": round(summary.images_per_second, 2),
@@ -292,10 +388,28 @@ def run(cfg: Config, resolved: dict | None = None) -> Summary:
                           "ranks": [{k: r.get(k) for k in ("images", "errors", "seconds", "seconds_to_first_batch",
                                                            "steady_images_per_second", "input")}
                                     for r in ranks]}))
-        dist.barrier()
+        dist.barrier("the end of the run (the manifest written)")
         return summary
     finally:
         dist.shutdown()
+        if lock is not None:
+            lock.release()  # after every rank is done: a new run may take the folder now
+
+
+def _note_unreadable_unit(unit_counts: dict, batch, images: int) -> None:
+    """Say on stderr when a unit ends with every sample an error: usually the wrong data format
+    or reader settings (data=webdataset on Parquet files), which error rows alone would hide."""
+    counts = unit_counts.setdefault(batch.unit_id or batch.shard_id, [0, 0, None])
+    counts[0] += images
+    counts[1] += len(batch.errors)
+    if counts[2] is None and batch.errors:
+        counts[2] = batch.errors[0]
+    if batch.last:
+        del unit_counts[batch.unit_id or batch.shard_id]
+        if counts[0] == 0 and counts[1]:
+            _, stage, error_type, message = counts[2]
+            log.warning("nothing could be read from %s: all %d samples are errors (first: %s %s: %s)",
+                        batch.unit_id or batch.shard_id, counts[1], stage, error_type, message[:200])
 
 
 def _process(cfg: Config, resolved: dict, device, channels_last, engine: CamEngine, layer_name: str, todo,
@@ -311,11 +425,13 @@ def _process(cfg: Config, resolved: dict, device, channels_last, engine: CamEngi
         # the workers alone fed ResNet-50 and ResNet-152 faster than any share of device decoding,
         # which takes its SMs from the model.
         mode = "workers"
-    decoder = DeviceDecoder(cfg.data.resize, cfg.data.crop, device) if mode in ("device", "mixed") else None
+    decoder = (DeviceDecoder(cfg.data.resize, cfg.data.crop, device, max_pixels=cfg.data.max_pixels)
+               if mode in ("device", "mixed") else None)
     balance = DecodeBalance(share=cfg.data.device_share) if mode == "mixed" else None
     loader = build_loader(todo, cfg.data, pin_memory=device.type == "cuda", device_decode=decoder is not None,
                           balance=balance)
     images = rows = errors = hits = pointed = 0
+    unit_counts: dict[str, list] = {}  # unit id -> [images, errors, first error] while it is read
     # The prefetcher comes last, so it is the first to stop when the loop ends or fails.
     with ParquetShardWriter(cfg.output.dir, _metadata(cfg, resolved, layer_name),
                             cfg.output.compression, cfg.output.queue_size) as writer, \
@@ -342,6 +458,7 @@ def _process(cfg: Config, resolved: dict, device, channels_last, engine: CamEngi
                                   np.empty((0, 1, 1, 1), np.float32), empty, empty, batch.errors, batch.last,
                                   unit_id=batch.unit_id)
             writer.submit(out)
+            _note_unreadable_unit(unit_counts, batch, count)
             clock.batch_done(count)
             bar.update(count + len(batch.errors))
         input_side = prefetcher.stats.as_dict()

@@ -11,6 +11,7 @@ Units cut only between samples, so a sample never spans two units.
 
 from __future__ import annotations
 
+import difflib
 import glob
 import hashlib
 import itertools
@@ -233,6 +234,9 @@ def _imagefolder_shards(cfg: DataConfig) -> list[Shard]:
     ]
 
 
+DEFAULT_LABEL_COLUMN = "label"
+
+
 def _check_parquet_columns(paths: list[str], cfg: DataConfig) -> None:
     """Column names checked on the first readable shard; unreadable shards become error rows
     when they are read, so one bad file does not stop the job."""
@@ -248,6 +252,12 @@ def _check_parquet_columns(paths: list[str], cfg: DataConfig) -> None:
         raise UserError(f"data.shards={cfg.shards!r}: none of the {len(paths)} files is a readable Parquet file")
     if cfg.image_column not in names:
         raise UserError(f"data.image_column={cfg.image_column!r} is not a column of {path} "
+                        f"(columns: {', '.join(names)})")
+    # the default "label" may be absent (labels unknown); a column the user named must exist
+    if cfg.label_column and cfg.label_column != DEFAULT_LABEL_COLUMN and cfg.label_column not in names:
+        close = difflib.get_close_matches(cfg.label_column, names, n=1)
+        hint = f"; did you mean {close[0]}?" if close else "; data.label_column=null reads no labels"
+        raise UserError(f"data.label_column={cfg.label_column!r} is not a column of {path}{hint} "
                         f"(columns: {', '.join(names)})")
     if cfg.id_column and cfg.id_column not in names:
         raise UserError(f"data.id_column={cfg.id_column!r} is not a column of {path} (columns: {', '.join(names)})")
