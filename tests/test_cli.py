@@ -33,7 +33,7 @@ def test_imagefolder_rows_ids_labels_and_resume(tmp_path):
     parts = sorted((out / "cams").glob("part-*.parquet"))
     stamps = {p: p.stat().st_mtime_ns for p in parts}
     second = run_cli(*args)
-    assert second.returncode == 0 and "0 written, 3 already complete" in second.stdout
+    assert second.returncode == 0 and "nothing to do: all 3 units were already complete" in second.stdout
     assert {p: p.stat().st_mtime_ns for p in parts} == stamps  # nothing rewritten
 
     parts[1].unlink()  # as if the run had stopped before that shard finished

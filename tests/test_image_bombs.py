@@ -92,12 +92,17 @@ BOMBS = {
     "65500x2 jpeg": lambda: wide_jpeg(65_500),
 }
 
-# Runs in a fresh interpreter so that ru_maxrss is this decode's peak and nothing else's. The
+# Runs in a fresh interpreter so that the peak RSS is this decode's and nothing else's. The
 # address-space cap (far above the asserted peak) makes a regression fail in a second with an
 # allocation error instead of driving the test machine into swap.
 BOMB_CHILD = textwrap.dedent("""
     import json, resource, sys
     import torch
+    def peak_rss():
+        # VmHWM: this process's own peak; ru_maxrss would also count the forking parent's RSS, which
+        # Linux carries across exec
+        with open("/proc/self/status") as status:
+            return next(int(line.split()[1]) * 1024 for line in status if line.startswith("VmHWM:"))
     from gradcam_batch.data.device_decode import DeviceDecoder
     from gradcam_batch.data.transforms import decode_resize_crop, decode_rgb, device_jpeg_size, resize_crop
 
@@ -121,7 +126,7 @@ BOMB_CHILD = textwrap.dedent("""
             outcome = list(path().shape)
         except Exception as error:
             outcome = [type(error).__name__, str(error)]
-        report[name] = [outcome, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024]
+        report[name] = [outcome, peak_rss()]
     print(json.dumps(report))
 """)
 

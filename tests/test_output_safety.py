@@ -68,7 +68,7 @@ def test_two_runs_started_at_once_one_is_refused_and_the_output_stays_whole(tmp_
     assert_one_line_error(refused, "is in use by another run")
     assert_whole_and_exactly_once(tmp_path / "out", expected)
     rerun = run_cli(*args)
-    assert rerun.returncode == 0 and "0 written, 12 already complete" in rerun.stdout, rerun.stderr
+    assert rerun.returncode == 0 and "nothing to do: all 12 units were already complete" in rerun.stdout, rerun.stderr
 
 
 def test_a_folder_held_by_another_run_is_refused_before_anything_is_written(tmp_path):

@@ -267,6 +267,11 @@ def test_member_larger_than_max_bytes_is_refused(tmp_path):
 
 CHILD_READER = """
 import json, resource, sys
+def peak_rss():
+    # VmHWM: this process's own peak; ru_maxrss would also count the forking parent's RSS, which
+    # Linux carries across exec
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) * 1024 for line in status if line.startswith("VmHWM:"))
 from gradcam_batch.config import DataConfig
 from gradcam_batch.data.readers import iter_samples
 from gradcam_batch.data.shards import list_shards, list_units
@@ -281,7 +286,7 @@ resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
 cfg = DataConfig(format="webdataset", shards=sys.argv[1], unit_size=int(sys.argv[2]))
 samples = [(s.sample_id, s.label, s.error[1] if s.error else None)
            for unit in list_units(list_shards(cfg), cfg.unit_size) for s in iter_samples(unit, cfg)]
-print(json.dumps({"samples": samples, "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
+print(json.dumps({"samples": samples, "peak_rss": peak_rss()}))
 """
 
 
