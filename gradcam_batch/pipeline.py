@@ -30,9 +30,10 @@ from gradcam_batch.data.shards import (Shard, Unit, check_output_apart, list_sha
 from gradcam_batch.engine import CamEngine, CamResult
 from gradcam_batch.models import build_model, resolve_target_layer
 from gradcam_batch.timing import RunClock
-from gradcam_batch.writer import (MANIFEST_NAME, OutputLock, OutputWriteError, ParquetShardWriter, ShardOutput,
-                                  check_parts, clean_temporaries, clear_output, completed_units, config_hash,
-                                  config_identity, counts_on_disk, foreign_entry, read_manifest, write_manifest)
+from gradcam_batch.output_folder import (OutputLock, check_parts, clean_temporaries, clear_output, config_hash,
+                                         config_identity, counts_on_disk, foreign_entry, read_manifest,
+                                         write_manifest)
+from gradcam_batch.writer import MANIFEST_NAME, OutputWriteError, ParquetShardWriter, ShardOutput, completed_units
 
 log = logging.getLogger("gradcam_batch")
 

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from cli_helpers import TINY_RESNET, finish_ranks, read_cams, run_cli, run_composed, start_ranks
-from gradcam_batch import UserError, dist, writer
+from gradcam_batch import UserError, dist, output_folder, writer
 from gradcam_batch.writer import MANIFEST_NAME
 from sample_data import make_imagefolder
 
@@ -74,7 +74,7 @@ def test_two_runs_started_at_once_one_is_refused_and_the_output_stays_whole(tmp_
 def test_a_folder_held_by_another_run_is_refused_before_anything_is_written(tmp_path):
     args, _ = imagefolder_args(tmp_path)
     out = tmp_path / "out"
-    with writer.OutputLock(out):
+    with output_folder.OutputLock(out):
         refused = run_cli(*args)
     assert refused.returncode == 2
     assert_one_line_error(refused.stderr, f"output.dir='{out}' is in use by another run (pid {os.getpid()}")
@@ -87,7 +87,7 @@ def test_the_lock_dies_with_its_process_even_while_forked_children_live(tmp_path
     holder = subprocess.run(
         [sys.executable, "-c",
          "import os, sys, time\n"
-         "from gradcam_batch.writer import OutputLock\n"
+         "from gradcam_batch.output_folder import OutputLock\n"
          "lock = OutputLock(sys.argv[1])\n"
          "child = os.fork()\n"
          "if child == 0:\n"
@@ -102,7 +102,7 @@ def test_the_lock_dies_with_its_process_even_while_forked_children_live(tmp_path
     child = int(holder.stdout)
     try:
         assert os.path.exists(f"/proc/{child}")  # the forked child still runs
-        with writer.OutputLock(tmp_path / "out"):
+        with output_folder.OutputLock(tmp_path / "out"):
             pass
     finally:
         os.kill(child, signal.SIGKILL)
@@ -111,7 +111,7 @@ def test_the_lock_dies_with_its_process_even_while_forked_children_live(tmp_path
 @pytest.mark.slow
 def test_ranks_of_one_job_share_the_folder_and_a_second_job_is_refused(tmp_path):
     args, expected = imagefolder_args(tmp_path, per_class=(3, 3, 2))
-    with writer.OutputLock(tmp_path / "out"):
+    with output_folder.OutputLock(tmp_path / "out"):
         refused = finish_ranks(tmp_path / "refused", start_ranks(tmp_path / "refused", *args))
     for code, _, stderr in refused:  # every rank stops, none waits for the others' timeout
         assert code == 2, stderr[-3000:]
