@@ -161,7 +161,7 @@ def loader_inputs(cfg) -> tuple[list, int, str]:
 
     shards = list_shards(cfg)
     try:
-        from gradcam_batch.data.shards import list_units
+        from gradcam_batch.data.units import list_units
     except ImportError:  # a loader that takes whole shards
         return shards, len(shards), "whole shards"
     unit_size = getattr(cfg, "unit_size", None)

@@ -25,8 +25,8 @@ from gradcam_batch.data.demo import ensure_demo_shards
 from gradcam_batch.data.device_decode import DeviceDecoder
 from gradcam_batch.data.loader import build_loader
 from gradcam_batch.data.prefetch import DecodeBalance, DevicePrefetcher, Preprocess
-from gradcam_batch.data.shards import (Shard, Unit, check_output_apart, list_shards, list_units, listing_change,
-                                       listing_record)
+from gradcam_batch.data.shards import Shard, check_output_apart, list_shards
+from gradcam_batch.data.units import Unit, list_units, listing_change, listing_record
 from gradcam_batch.engine import CamEngine, CamResult
 from gradcam_batch.models import build_model, resolve_target_layer
 from gradcam_batch.timing import RunClock

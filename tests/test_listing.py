@@ -20,7 +20,8 @@ from cli_helpers import TINY_RESNET, read_cams, run_cli, run_composed
 from gradcam_batch import UserError
 from gradcam_batch.config import DataConfig
 from gradcam_batch.data.readers import iter_samples
-from gradcam_batch.data.shards import list_shards, list_units, listing_record
+from gradcam_batch.data.shards import list_shards
+from gradcam_batch.data.units import list_units, listing_record
 from sample_data import encode, make_imagefolder, make_parquet, make_tar
 
 SAFE_ID = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]*")

@@ -20,7 +20,8 @@ import pytest
 from cli_helpers import TINY_RESNET, read_cams, run_composed
 from gradcam_batch.config import DataConfig
 from gradcam_batch.data.readers import iter_samples
-from gradcam_batch.data.shards import list_shards, list_units
+from gradcam_batch.data.shards import list_shards
+from gradcam_batch.data.units import list_units
 from sample_data import (add_member, add_special, big_member_tar, big_member_tar_gz, encode, write_parquet_columns,
                          write_tar)
 
@@ -274,7 +275,8 @@ def peak_rss():
         return next(int(line.split()[1]) * 1024 for line in status if line.startswith("VmHWM:"))
 from gradcam_batch.config import DataConfig
 from gradcam_batch.data.readers import iter_samples
-from gradcam_batch.data.shards import list_shards, list_units
+from gradcam_batch.data.shards import list_shards
+from gradcam_batch.data.units import list_units
 
 def virtual_size():
     with open("/proc/self/status") as status:

@@ -24,7 +24,8 @@ from gradcam_batch import UserError, dist
 from gradcam_batch.config import DataConfig
 from gradcam_batch.data.loader import ShardBatches, build_loader
 from gradcam_batch.data.readers import iter_samples
-from gradcam_batch.data.shards import list_shards, list_units, tar_sample_offsets, webdataset_key
+from gradcam_batch.data.shards import list_shards
+from gradcam_batch.data.units import list_units, tar_sample_offsets, webdataset_key
 from sample_data import add_member, encode, make_imagefolder, make_webdataset
 
 ENV = {**os.environ, "PYTHONWARNINGS": "ignore"}

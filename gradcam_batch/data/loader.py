@@ -12,7 +12,8 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from gradcam_batch.config import DataConfig
 from gradcam_batch.data.readers import iter_samples
-from gradcam_batch.data.shards import Shard, Unit, as_unit
+from gradcam_batch.data.shards import Shard
+from gradcam_batch.data.units import Unit, as_unit
 from gradcam_batch.data.transforms import box_from_meta, decode_resize_crop, device_jpeg_size, map_box
 
 

@@ -14,7 +14,8 @@ import stat
 from typing import Iterator, Optional
 
 from gradcam_batch.config import DataConfig
-from gradcam_batch.data.shards import Shard, Unit, as_unit
+from gradcam_batch.data.shards import Shard
+from gradcam_batch.data.units import Unit, as_unit
 from gradcam_batch.data.records import (LABEL_RULE, LinkOutsideRoot, NotRegularFile, RawSample, TooLarge,
                                         _describe_parquet_error, _file_system_words, _label_from_number,
                                         _label_from_string, printable)

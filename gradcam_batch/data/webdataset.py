@@ -16,8 +16,7 @@ import zlib
 from typing import Iterator, Optional
 
 from gradcam_batch.config import DataConfig
-from gradcam_batch.data.shards import (_MAX_EXTENDED_HEADER, WEBDATASET_IMAGE_EXTENSIONS,
-                                       WEBDATASET_READ_EXTENSIONS, Unit, joins_sample, webdataset_key)
+from gradcam_batch.data.units import _MAX_EXTENDED_HEADER, WEBDATASET_IMAGE_EXTENSIONS, WEBDATASET_READ_EXTENSIONS, Unit, joins_sample, webdataset_key
 from gradcam_batch.data.records import (MAX_SIDECAR_BYTES, RawSample, _describe_archive_error, label_from_text,
                                         printable)
 
