@@ -136,7 +136,7 @@ def cpu_model() -> str:
             if line.startswith("model name"):
                 return line.split(":", 1)[1].strip()
     except OSError:
-        pass
+        pass  # no /proc (not Linux): the platform module's name below
     return platform.processor() or platform.machine()
 
 

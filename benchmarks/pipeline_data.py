@@ -119,7 +119,7 @@ def _members_end(path: Path) -> int:
     Reading the headers seeks over the member data, so this reads a few kB per shard."""
     with tarfile.open(path, "r:") as tar:
         for _ in tar:
-            pass
+            pass  # iterating reads every header; tar.offset then points past the last member
         return tar.offset
 
 

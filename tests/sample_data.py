@@ -114,9 +114,9 @@ def big_member_tar(path: Path, size: int, before: list[tuple[str, bytes]], after
     """An uncompressed tar whose member `name` claims `size` bytes of zeros that are a hole in the
     file: a few kilobytes on disk that read as gigabytes."""
     with open(path, "wb") as handle:
-        handle.write(_blocks_of(before) + _header(name, size))
+        handle.write(tar_blocks(before) + _header(name, size))
         handle.seek(-(-size // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE, os.SEEK_CUR)  # the hole
-        handle.write(_blocks_of(after) + bytes(2 * tarfile.RECORDSIZE))
+        handle.write(tar_blocks(after) + bytes(2 * tarfile.RECORDSIZE))
 
 
 def big_member_tar_gz(path: Path, size: int, before: list[tuple[str, bytes]], after: list[tuple[str, bytes]],
@@ -126,8 +126,8 @@ def big_member_tar_gz(path: Path, size: int, before: list[tuple[str, bytes]], af
     MiB, so 3 GiB compress to about 3 MB)."""
     chunk = 1 << 20
     assert size % chunk == 0
-    head = _blocks_of(before) + _header(name, size)
-    tail = _blocks_of(after) + bytes(2 * tarfile.RECORDSIZE)
+    head = tar_blocks(before) + _header(name, size)
+    tail = tar_blocks(after) + bytes(2 * tarfile.RECORDSIZE)
     compressor = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)
     zeros = bytes(chunk)
     opening = compressor.compress(head) + compressor.flush(zlib.Z_FULL_FLUSH)
@@ -147,7 +147,7 @@ def big_member_tar_gz(path: Path, size: int, before: list[tuple[str, bytes]], af
         handle.write(struct.pack("<II", crc, total & 0xFFFFFFFF))
 
 
-def _blocks_of(members: list[tuple[str, bytes]]) -> bytes:
+def tar_blocks(members: list[tuple[str, bytes]]) -> bytes:
     """The members' headers and padded data, without the end-of-archive blocks."""
     buffer = io.BytesIO()
     tar = tarfile.open(fileobj=buffer, mode="w", format=tarfile.GNU_FORMAT)

@@ -4,7 +4,6 @@ never a crash, a giant allocation or a row lost or duplicated. Readers are check
 process whose peak memory is measured, and whole runs end to end with a rerun."""
 
 import gzip
-import io
 import json
 import os
 import subprocess
@@ -22,8 +21,8 @@ from gradcam_batch.config import DataConfig
 from gradcam_batch.data.readers import iter_samples
 from gradcam_batch.data.shards import list_shards
 from gradcam_batch.data.units import list_units
-from sample_data import (add_member, add_special, big_member_tar, big_member_tar_gz, encode, write_parquet_columns,
-                         write_tar)
+from sample_data import (add_member, add_special, big_member_tar, big_member_tar_gz, encode, tar_blocks,
+                         write_parquet_columns, write_tar)
 
 SECRET = "SECRET-CONTENT"  # planted in poison values: no error message may repeat it
 GIB = 1 << 30
@@ -340,19 +339,10 @@ def test_compressed_tars_read_as_the_plain_tar(tmp_path, codec):
     assert plain == [("a", 4, None), ("b", -1, None)]
 
 
-def tar_without_end(members: list[tuple[str, bytes]]) -> bytes:
-    """Members' headers and data with no end-of-archive blocks, for a tar that goes on by hand."""
-    buffer = io.BytesIO()
-    tar = tarfile.open(fileobj=buffer, mode="w", format=tarfile.GNU_FORMAT)
-    for name, payload in members:
-        add_member(tar, name, payload)
-    return buffer.getvalue()[:tar.offset]
-
-
 def test_extended_header_claiming_gigabytes_in_a_compressed_tar_is_refused(tmp_path):
     bomb = tarfile.TarInfo("././@PaxHeader")
     bomb.type, bomb.size = tarfile.XHDTYPE, 3 * GIB  # tarfile reads an extended header whole
-    opening = tar_without_end([("a.jpg", encode(np.random.default_rng(12)))])
+    opening = tar_blocks([("a.jpg", encode(np.random.default_rng(12)))])
     (tmp_path / "a.tar.gz").write_bytes(gzip.compress(opening + bomb.tobuf(tarfile.GNU_FORMAT) + bytes(1 << 20)))
     samples, peak = read_in_child(tmp_path / "a.tar.gz", 100)
     # the sample before the break may lack members behind it: an error row too, never a guess
@@ -362,7 +352,7 @@ def test_extended_header_claiming_gigabytes_in_a_compressed_tar_is_refused(tmp_p
 
 def test_damaged_compressed_stream_is_an_error_row_without_contents(tmp_path):
     rng = np.random.default_rng(13)
-    whole = tar_without_end([("a.jpg", encode(rng)), ("b.jpg", encode(rng))])
+    whole = tar_blocks([("a.jpg", encode(rng)), ("b.jpg", encode(rng))])
     cut = len(whole) - 512  # inside b.jpg's data
     (tmp_path / "b.tar.gz").write_bytes(gzip.compress(whole[:cut]) + b"QZ" + SECRET.encode())  # not a gzip member
     cfg = DataConfig(format="webdataset", shards=str(tmp_path / "b.tar.gz"))

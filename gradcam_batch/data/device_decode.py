@@ -112,7 +112,7 @@ class DeviceDecoder:
             try:
                 return decode_jpeg(tensor, mode=ImageReadMode.RGB, device=self.device)
             except RuntimeError:
-                pass
+                pass  # nvJPEG refuses some valid JPEGs: the CPU decoder below decides
         try:  # the CPU decoder, which reads more variants and raises a clear error
             return decode_rgb(payload).to(self.device)
         except Exception as error:  # this image's error row, not the run's
