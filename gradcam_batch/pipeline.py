@@ -232,18 +232,18 @@ def check_resume(output_dir: Path, resolved: dict, overwrite: bool) -> dict | No
             raise UserError(f"output.dir={str(output_dir)!r} holds part files but no {MANIFEST_NAME}; "
                             "use another output.dir or output.overwrite=true")
         return None
-    if manifest.get("config_hash") != config_hash(resolved) and not completed_units(output_dir):
+    if manifest.get("config_hash") == config_hash(resolved):
+        return manifest
+    if not completed_units(output_dir):
         # a run that completed no unit (a mistake stopped it) holds nothing to protect
         log.info("%s holds no complete unit of its earlier run; starting afresh", output_dir)
         return None
-    if manifest.get("config_hash") != config_hash(resolved):
-        before, now = manifest.get("identity", {}), config_identity(resolved)
-        changed = [f"{group}.{key}" for group in now for key in now[group]
-                   if before.get(group, {}).get(key) != now[group][key]]
-        raise UserError(f"output.dir={str(output_dir)!r} holds results of a different run "
-                        f"({', '.join(changed) or 'config'} changed); use another output.dir "
-                        "or output.overwrite=true to replace them")
-    return manifest
+    before, now = manifest.get("identity", {}), config_identity(resolved)
+    changed = [f"{group}.{key}" for group in now for key in now[group]
+               if before.get(group, {}).get(key) != now[group][key]]
+    raise UserError(f"output.dir={str(output_dir)!r} holds results of a different run "
+                    f"({', '.join(changed) or 'config'} changed); use another output.dir "
+                    "or output.overwrite=true to replace them")
 
 
 def work_units(cfg: Config, output_dir: Path, shards: list[Shard],

@@ -106,7 +106,7 @@ def release_fifo_after(path: Path, seconds: float) -> None:
         try:
             os.close(os.open(path, os.O_WRONLY | os.O_NONBLOCK))  # ENXIO when nobody reads: nothing to release
         except OSError:
-            pass
+            pass  # ENXIO: no reader was waiting, so nothing is blocked
 
     threading.Thread(target=open_and_close, daemon=True).start()
 

@@ -1,5 +1,6 @@
 """The built wheel runs anywhere: configs and kernels inside the gradcam_batch namespace."""
 
+import shutil
 import subprocess
 import sys
 import sysconfig
@@ -12,9 +13,15 @@ REPO = Path(__file__).resolve().parent.parent
 
 @pytest.mark.slow
 def test_wheel_runs_the_demo_from_an_unrelated_directory(tmp_path):
+    # Built from a copy: setuptools reuses a checkout's build/ folder, whose stale modules would
+    # land in the wheel and could hide a file the package no longer ships.
+    source = tmp_path / "source"
+    shutil.copytree(REPO, source, symlinks=True,
+                    ignore=shutil.ignore_patterns(".git", ".venv", ".whl", "build", "*.egg-info", "__pycache__",
+                                                  ".pytest_cache", "gradcam-out"))
     wheels = tmp_path / "wheels"
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-build-isolation",
-                    "-w", str(wheels), str(REPO)], check=True, capture_output=True)
+                    "-w", str(wheels), str(source)], check=True, capture_output=True)
     (wheel,) = wheels.glob("gradcam_batch-*.whl")
     # A fresh environment: the wheel installed on its own, the test environment's packages for its
     # dependencies only (a plain path entry, so this checkout's editable install is not loaded).
