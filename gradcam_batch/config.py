@@ -7,6 +7,7 @@ bad value and the fix before any work starts.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, List, Optional
 
@@ -17,10 +18,12 @@ from gradcam_batch.methods import METHODS
 
 DATA_FORMATS = ("demo", "imagefolder", "webdataset", "parquet")
 DECODE_MODES = ("auto", "workers", "device", "mixed")
-MODEL_SOURCES = ("demo", "torchvision", "checkpoint")
+MODEL_SOURCES = ("demo", "torchvision", "timm", "huggingface", "checkpoint")
+FUSE_MODES = ("mean", "max")
 TARGET_MODES = ("pred", "topk", "label", "classes")
 BACKENDS = ("auto", "torch", "triton")
 DEVICES = ("auto", "cpu", "cuda")
+INTERPOLATIONS = ("bilinear", "bicubic")
 AMP_MODES = ("auto", "bf16", "fp16", "off")
 
 
@@ -74,14 +77,20 @@ class DataConfig:
     name must be a column of the data, and null reads no labels."""
     id_column: Optional[str] = None
     """parquet: sample id column; without it ids are `<shard stem>/<row index>`."""
-    resize: int = 256
-    """Resize the shorter image side to this many pixels before cropping."""
-    crop: int = 224
-    """Center crop size (square) fed to the model."""
-    mean: List[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])
-    """Per-channel mean for normalization (ImageNet by default)."""
-    std: List[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
-    """Per-channel standard deviation for normalization (ImageNet by default)."""
+    resize: Optional[int] = None
+    """Resize the shorter image side to this many pixels before cropping. null: the model's own
+    (timm's data config, the Hugging Face processor; 256 for torchvision and checkpoints)."""
+    crop: Optional[int] = None
+    """Center crop size (square) fed to the model. null: the model's own input size (224 for
+    torchvision and checkpoints)."""
+    mean: Optional[List[float]] = None
+    """Per-channel mean for normalization. null: the model's own (ImageNet's for torchvision)."""
+    std: Optional[List[float]] = None
+    """Per-channel standard deviation for normalization. null: the model's own (ImageNet's for
+    torchvision)."""
+    interpolation: Optional[str] = None
+    """Resize filter, bilinear or bicubic (both antialiased). null: the model's own (timm and
+    most Hugging Face models: bicubic; torchvision: bilinear)."""
     batch_size: int = 64
     """Images per batch on the device."""
     num_workers: int = 2
@@ -121,37 +130,85 @@ class DataConfig:
         _at_least("data.num_workers", self.num_workers, 0)
         _at_least("data.shard_size", self.shard_size, 1)
         _at_least("data.unit_size", self.unit_size, 1)
-        _at_least("data.resize", self.resize, 1)
-        _at_least("data.crop", self.crop, 1)
         _at_least("data.max_pixels", self.max_pixels, 1)
         _at_least("data.max_bytes", self.max_bytes, 1)
         if not isinstance(self.device_share, (int, float)) or not 0.0 <= self.device_share <= 1.0:
             raise UserError(f"data.device_share={self.device_share!r} is not valid; it must be between 0 and 1")
-        if self.crop > self.resize:
-            raise UserError(f"data.crop={self.crop} is larger than data.resize={self.resize}; "
-                            "set data.crop <= data.resize")
-        if len(self.mean) != 3 or len(self.std) != 3 or min(self.std) <= 0:
-            raise UserError(f"data.mean={self.mean} / data.std={self.std} need 3 values each, std > 0")
+        if self.resize is not None:
+            _at_least("data.resize", self.resize, 1)
+        if self.crop is not None:
+            _at_least("data.crop", self.crop, 1)
+        if self.interpolation is not None:
+            _choice("data.interpolation", self.interpolation, INTERPOLATIONS)
+        for name in ("mean", "std"):
+            values = getattr(self, name)
+            if values is not None and (len(values) != 3 or (name == "std" and min(values) <= 0)):
+                raise UserError(f"data.{name}={list(values)} is not valid; it needs 3 values"
+                                f"{' > 0' if name == 'std' else ''} (one per RGB channel)")
+        if self.resize is not None and self.crop is not None:
+            self._check_crop(self.resize, self.crop, "")
         if self.format == "imagefolder" and not self.root:
             raise UserError("data=imagefolder needs data.root=DIR (a folder of class sub-folders)")
         if self.format in ("webdataset", "parquet") and not self.shards:
             raise UserError(f"data={self.format} needs data.shards='DIR/*.{'tar' if self.format == 'webdataset' else 'parquet'}'")
 
+    @staticmethod
+    def _check_crop(resize: int, crop: int, origin: str) -> None:
+        if crop > resize:
+            raise UserError(f"data.crop={crop} is larger than data.resize={resize}{origin}; "
+                            "set data.crop <= data.resize")
+
+    def resolved(self, defaults: Optional["Preprocessing"] = None) -> "DataConfig":
+        """A copy with every preprocessing value left null taken from `defaults` (the model's
+        own), or from torchvision's ImageNet recipe without one. Idempotent."""
+        defaults = defaults or Preprocessing()
+        resize = self.resize
+        if resize is None:  # a crop of the user's own keeps the model's resize-to-crop ratio
+            resize = defaults.resize if self.crop is None else round(self.crop * defaults.resize / defaults.crop)
+        filled = dataclasses.replace(
+            self,
+            resize=resize,
+            crop=self.crop if self.crop is not None else defaults.crop,
+            mean=list(self.mean) if self.mean is not None else list(defaults.mean),
+            std=list(self.std) if self.std is not None else list(defaults.std),
+            interpolation=self.interpolation or defaults.interpolation)
+        if filled.crop > filled.resize:
+            origin = f" (from {defaults.source})" if self.crop is None or self.resize is None else ""
+            self._check_crop(filled.resize, filled.crop, origin)
+        return filled
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """A model's own input recipe: what data.resize / crop / mean / std / interpolation default to."""
+    resize: int = 256
+    crop: int = 224
+    mean: tuple = (0.485, 0.456, 0.406)
+    std: tuple = (0.229, 0.224, 0.225)
+    interpolation: str = "bilinear"
+    source: str = "torchvision's ImageNet recipe"
+
 
 @dataclass
 class ModelConfig:
     source: str = "demo"
-    """Where the model comes from: demo (built-in), torchvision, or checkpoint (a whole-model file)."""
+    """Where the model comes from: demo (built-in), torchvision, timm, huggingface, or checkpoint
+    (a whole-model file)."""
     name: Optional[str] = None
-    """torchvision: the model builder name, e.g. resnet50."""
+    """torchvision / timm: the model name, e.g. resnet50 or vit_base_patch16_224. huggingface: a
+    local folder (save_pretrained) or a hub id already in the local Hugging Face cache."""
     weights: Optional[str] = None
     """torchvision: a local state_dict file, a weights enum name (e.g. IMAGENET1K_V2, resolved
-    through the torch hub cache), or null for random init. checkpoint: the model file."""
+    through the torch hub cache), or null for random init. timm: a local weights file (.pth,
+    .safetensors), `pretrained` (timm's weights from the local caches), or null for random init.
+    checkpoint: the model file. huggingface: unset (the weights sit in model.name's folder)."""
     num_classes: Optional[int] = None
-    """torchvision: number of output classes when it differs from the default (1000)."""
-    target_layer: str = "auto"
-    """Dotted module name of the layer to explain, or auto (last module with a 4-D output of
-    spatial size > 1)."""
+    """torchvision / timm / huggingface: number of output classes when it differs from the model's."""
+    target_layer: Any = "auto"
+    """Dotted module name of the layer to explain, a list of names (one map per layer, rows carry
+    the layer's name), or auto: for vision transformers the first norm of the last block, for
+    CNNs the last module with a spatial (B, C, H, W) output. Token outputs (B, N, D) and
+    Swin-style (B, H, W, C) outputs are read as maps on the model's patch grid."""
     trust_checkpoint: bool = False
     """checkpoint: allow unpickling a whole-model file. Only for files you trust."""
     seed: int = 0
@@ -159,12 +216,28 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         _choice("model.source", self.source, MODEL_SOURCES)
-        if self.source == "torchvision" and not self.name:
-            raise UserError("model=torchvision needs model.name=NAME (e.g. resnet50)")
+        if self.source in ("torchvision", "timm", "huggingface") and not self.name:
+            example = {"torchvision": "resnet50", "timm": "vit_base_patch16_224",
+                       "huggingface": "/models/vit-base-patch16-224"}[self.source]
+            raise UserError(f"model={self.source} needs model.name=NAME (e.g. {example})")
         if self.source == "checkpoint" and not self.weights:
             raise UserError("model=checkpoint needs model.weights=FILE (a whole-model file)")
         if self.num_classes is not None:
             _at_least("model.num_classes", self.num_classes, 1)
+        layers = self.target_layer
+        if isinstance(layers, (list, tuple)):
+            if not layers or not all(isinstance(name, str) and name for name in layers):
+                raise UserError(f"model.target_layer={list(layers)!r}: list one or more module names")
+            repeated = sorted({name for name in layers if list(layers).count(name) > 1})
+            if repeated:
+                raise UserError(f"model.target_layer={list(layers)!r} repeats {repeated}; list each layer once")
+            self.target_layer = list(layers) if len(layers) > 1 else layers[0]
+        elif not isinstance(layers, str) or not layers:
+            raise UserError(f"model.target_layer={layers!r} is not a module name, a list of them, or auto")
+
+    @property
+    def target_layers(self) -> list[str]:
+        return list(self.target_layer) if isinstance(self.target_layer, list) else [self.target_layer]
 
 
 @dataclass
@@ -181,11 +254,17 @@ class CamConfig:
     """Per-map min-max to [0, 1] after ReLU; false keeps raw values."""
     backend: str = "auto"
     """auto (Triton kernel on CUDA, PyTorch elsewhere), torch, or triton."""
+    fuse: Optional[str] = None
+    """With several target layers: mean or max also writes each target's maps fused into one
+    (each layer's map upsampled to the largest grid, combined, normalized again), in rows whose
+    layer is e.g. `mean(layer3,layer4)`. null: the per-layer maps only."""
 
     def __post_init__(self) -> None:
         _choice("cam.method", self.method, METHODS)
         _choice("cam.targets", self.targets, TARGET_MODES)
         _choice("cam.backend", self.backend, BACKENDS)
+        if self.fuse is not None:
+            _choice("cam.fuse", self.fuse, FUSE_MODES)
         if self.targets == "topk":
             _at_least("cam.topk", self.topk, 1)
         if self.targets == "classes":

@@ -7,6 +7,7 @@ Everything stays on the device; the caller makes the one host copy of the finish
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 from dataclasses import dataclass
 
@@ -15,41 +16,74 @@ from torch import nn
 
 from gradcam_batch import UserError
 from gradcam_batch.config import CamConfig
-from gradcam_batch.methods import compute_cam
+from gradcam_batch.layers import MapView, TargetLayer
+from gradcam_batch.methods import compute_cam, normalize_maps
 
 log = logging.getLogger("gradcam_batch")
 
 
 class ActivationCapture(contextlib.AbstractContextManager):
-    """Forward hook that cuts the graph at the target layer.
+    """Forward hooks that cut the graph at the target layers.
 
-    The hook makes `output.detach().requires_grad_()` the leaf and returns a copy of it: the rest of
-    the forward builds a graph from this leaf only, so autograd.grad walks the head (target layer -> logits) and nothing
-    below it. Parameters are frozen, so no parameter gradients are made either.
+    The first target layer to run makes `output.detach().requires_grad_()` the leaf and hands the
+    model a copy of it: the rest of the forward builds a graph from this leaf only, so
+    autograd.grad walks the head (target layer -> logits) and nothing below it. A later target
+    layer downstream of the leaf is recorded as it is (a node of that graph); one that is not
+    (a parallel branch) becomes a leaf of its own. Parameters are frozen, so no parameter
+    gradients are made either.
     """
 
-    def __init__(self, layer: nn.Module):
-        self.layer = layer
-        self.activation: torch.Tensor | None = None
-        self._handle = None
+    def __init__(self, layers: list[nn.Module] | nn.Module):
+        self.layers = list(layers) if isinstance(layers, (list, tuple)) else [layers]
+        self.outputs: list[torch.Tensor | None] = [None] * len(self.layers)
+        self._handles = []
 
-    def _hook(self, module, inputs, output):
+    @property
+    def activation(self) -> torch.Tensor | None:
+        """The one target layer's output (single-layer use)."""
+        return self.outputs[0]
+
+    def _hook(self, index: int, module, inputs, output):
         if not isinstance(output, torch.Tensor):
-            raise TypeError(f"target layer {type(module).__name__} returned {type(output).__name__}, "
-                            "not a tensor; pick a layer whose output is a (B, C, H, W) tensor")
-        self.activation = output.detach().requires_grad_()
+            raise UserError(f"target layer {type(module).__name__} returned {type(output).__name__}, "
+                            "not a tensor; pick a layer whose output is maps or patch tokens")
+        if self.outputs[index] is not None:
+            raise UserError(f"target layer {type(module).__name__} runs more than once per forward (a shared "
+                            "module); pick a layer that runs once")
+        recorded = output if output.requires_grad else output.detach().requires_grad_()
+        self.outputs[index] = recorded
         # The model goes on with a copy: an in-place op after the layer (DenseNet's functional
         # relu(inplace=True), which build_model cannot switch off) may then overwrite it, but not
-        # the leaf the gradients are taken against, which must hold the layer's output.
-        return self.activation.clone()
+        # the tensor the gradients are taken against, which must hold the layer's output.
+        return recorded.clone()
 
     def __enter__(self) -> "ActivationCapture":
-        self._handle = self.layer.register_forward_hook(self._hook)
+        self.outputs = [None] * len(self.layers)
+        self._handles = [layer.register_forward_hook(functools.partial(self._hook, index))
+                         for index, layer in enumerate(self.layers)]
         return self
 
     def __exit__(self, *exc) -> None:
-        self._handle.remove()
-        self._handle = None
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+
+@dataclass
+class LayerMaps:
+    """One layer's maps of a batch (or several layers' maps fused)."""
+    name: str
+    cams: torch.Tensor  # float32 (B, K, H, W)
+    cam_mean: torch.Tensor  # float32 (B, K)
+    peak: torch.Tensor  # int64 (B, K), flat index of the maximum of each map
+
+    @staticmethod
+    def of(name: str, cams: torch.Tensor) -> "LayerMaps":
+        flat = cams.flatten(2)
+        return LayerMaps(name, cams, flat.mean(dim=2), flat.argmax(dim=2))
+
+    def apply(self, function) -> "LayerMaps":
+        return LayerMaps(self.name, function(self.cams), function(self.cam_mean), function(self.peak))
 
 
 @dataclass
@@ -57,23 +91,58 @@ class CamResult:
     target_classes: torch.Tensor  # int64 (B, K)
     scores: torch.Tensor  # float32 (B, K), the logits of the target classes
     probs: torch.Tensor  # float32 (B, K), softmax probabilities of the target classes
-    cams: torch.Tensor  # float32 (B, K, H, W)
-    cam_mean: torch.Tensor  # float32 (B, K)
-    peak: torch.Tensor  # int64 (B, K), flat index of the maximum of each map
+    layers: list[LayerMaps]  # one per target layer, then the fused maps (cam.fuse)
+
+    def _only(self) -> LayerMaps:
+        if len(self.layers) != 1:
+            raise ValueError(f"this result holds {len(self.layers)} layers' maps; read result.layers")
+        return self.layers[0]
+
+    @property
+    def cams(self) -> torch.Tensor:
+        return self._only().cams
+
+    @property
+    def cam_mean(self) -> torch.Tensor:
+        return self._only().cam_mean
+
+    @property
+    def peak(self) -> torch.Tensor:
+        return self._only().peak
 
     @staticmethod
     def cat(parts: list["CamResult"]) -> "CamResult":
-        return CamResult(**{name: torch.cat([getattr(p, name) for p in parts])
-                            for name in CamResult.__dataclass_fields__})
+        layers = [LayerMaps(maps[0].name, *(torch.cat([getattr(m, name) for m in maps])
+                                            for name in ("cams", "cam_mean", "peak")))
+                  for maps in zip(*(part.layers for part in parts))]
+        return CamResult(*(torch.cat([getattr(p, name) for p in parts])
+                           for name in ("target_classes", "scores", "probs")), layers=layers)
 
     def to_host(self) -> "CamResult":
         """The one host copy of a batch: non-blocking copies, one synchronisation."""
-        fields = {name: getattr(self, name) for name in self.__dataclass_fields__}
-        if next(iter(fields.values())).device.type == "cpu":
+        if self.scores.device.type == "cpu":
             return self
-        host = {name: value.to("cpu", non_blocking=True) for name, value in fields.items()}
+
+        def copy(tensor: torch.Tensor) -> torch.Tensor:
+            return tensor.to("cpu", non_blocking=True)
+
+        host = CamResult(copy(self.target_classes), copy(self.scores), copy(self.probs),
+                         [maps.apply(copy) for maps in self.layers])
         torch.cuda.current_stream().synchronize()
-        return CamResult(**host)
+        return host
+
+
+def fuse_maps(cams: list[torch.Tensor], mode: str, normalize: bool) -> torch.Tensor:
+    """Several layers' (B, K, h, w) maps as one: each upsampled (bilinear) to the largest grid,
+    then their mean or maximum, normalized again when the maps are (pytorch-grad-cam's multi-layer
+    aggregation, at the largest layer's grid instead of the input's)."""
+    height, width = max((tuple(c.shape[-2:]) for c in cams), key=lambda size: size[0] * size[1])
+    scaled = [c if tuple(c.shape[-2:]) == (height, width)
+              else torch.nn.functional.interpolate(c, size=(height, width), mode="bilinear", align_corners=False)
+              for c in cams]
+    stacked = torch.stack(scaled).clamp_(min=0)
+    fused = stacked.mean(dim=0) if mode == "mean" else stacked.amax(dim=0)
+    return normalize_maps(fused) if normalize else fused
 
 
 def select_targets(logits: torch.Tensor, labels: torch.Tensor, cfg: CamConfig,
@@ -93,10 +162,18 @@ def select_targets(logits: torch.Tensor, labels: torch.Tensor, cfg: CamConfig,
 
 
 class CamEngine:
-    def __init__(self, model: nn.Module, target_layer: nn.Module, cfg: CamConfig, device: torch.device,
+    def __init__(self, model: nn.Module, target_layer, cfg: CamConfig, device: torch.device,
                  amp_dtype: torch.dtype | None = None, num_classes: int | None = None):
+        """target_layer: a module (whose output is (B, C, H, W)), a TargetLayer, or a list of
+        TargetLayers (layers.resolve_target_layers), each giving its own maps."""
         self.model = model
-        self.target_layer = target_layer
+        if isinstance(target_layer, nn.Module):
+            target_layer = TargetLayer("", target_layer, MapView("nchw"))
+        self.layers: list[TargetLayer] = (list(target_layer) if isinstance(target_layer, (list, tuple))
+                                          else [target_layer])
+        if cfg.fuse is not None and len(self.layers) < 2:
+            raise UserError(f"cam.fuse={cfg.fuse} combines the maps of several layers; list two or more in "
+                            "model.target_layer=[...], or leave cam.fuse unset")
         self.cfg = cfg
         self.device = device
         self.amp_dtype = amp_dtype
@@ -140,8 +217,9 @@ class CamEngine:
             return contextlib.nullcontext()
         return torch.autocast(device_type=self.device.type, dtype=self.amp_dtype)
 
-    def _gradients(self, logits: torch.Tensor, activation: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """d(logit of each target) / d(activation), (B, K, C, H, W), in one batched backward.
+    def _gradients(self, logits: torch.Tensor, activations: list[torch.Tensor],
+                   targets: torch.Tensor) -> list[torch.Tensor]:
+        """d(logit of each target) / d(each activation), (B, K, ...), in one batched backward.
 
         Scores of different images are summed inside one backward: each image's logits depend
         on that image alone (eval mode), so the sum separates exactly.
@@ -150,20 +228,29 @@ class CamEngine:
         one_hot = torch.zeros((num_targets, *logits.shape), dtype=logits.dtype, device=logits.device)
         one_hot.scatter_(2, targets.t().unsqueeze(2), 1.0)
         if num_targets == 1:
-            (grads,) = torch.autograd.grad(logits, activation, grad_outputs=one_hot[0])
-            return grads.unsqueeze(1)
+            grads = torch.autograd.grad(logits, activations, grad_outputs=one_hot[0], allow_unused=True)
+            return [self._used(grad, index).unsqueeze(1) for index, grad in enumerate(grads)]
         if self._batched_backward_ok:
             try:
-                (grads,) = torch.autograd.grad(logits, activation, grad_outputs=one_hot,
-                                               is_grads_batched=True, retain_graph=True)
-                return grads.transpose(0, 1)  # (K, B, ...) -> (B, K, ...), a view
+                grads = torch.autograd.grad(logits, activations, grad_outputs=one_hot, is_grads_batched=True,
+                                            retain_graph=True, allow_unused=True)
+                # (K, B, ...) -> (B, K, ...), a view
+                return [self._used(grad, index).transpose(0, 1) for index, grad in enumerate(grads)]
             except RuntimeError as error:  # an op in the head without a batching rule
                 self._batched_backward_ok = False
                 log.warning("batched backward unsupported by this model's head (%s); "
                             "falling back to one backward per target", str(error).splitlines()[0])
-        grads = [torch.autograd.grad(logits, activation, grad_outputs=one_hot[k], retain_graph=k + 1 < num_targets)[0]
-                 for k in range(num_targets)]
-        return torch.stack(grads, dim=1)
+        per_target = [torch.autograd.grad(logits, activations, grad_outputs=one_hot[k],
+                                          retain_graph=k + 1 < num_targets, allow_unused=True)
+                      for k in range(num_targets)]
+        return [torch.stack([self._used(grads[index], index) for grads in per_target], dim=1)
+                for index in range(len(activations))]
+
+    def _used(self, grad: torch.Tensor | None, index: int) -> torch.Tensor:
+        if grad is None:
+            raise UserError(f"model.target_layer {self.layers[index].name or index!r} does not reach the "
+                            "logits; pick a layer on the path from the input to the logits")
+        return grad
 
     def _cams(self, activation: torch.Tensor, gradients: torch.Tensor) -> torch.Tensor:
         if self.backend == "triton":
@@ -174,26 +261,29 @@ class CamEngine:
 
     def __call__(self, images: torch.Tensor, labels: torch.Tensor) -> CamResult:
         """images: normalized float (B, 3, H, W) on the device; labels int64 (B,) (-1 unknown)."""
-        with ActivationCapture(self.target_layer) as capture, torch.enable_grad(), self._autocast():
+        with ActivationCapture([layer.module for layer in self.layers]) as capture, torch.enable_grad(), \
+                self._autocast():
             logits = self.model(images)
-        activation = capture.activation
-        if activation is None:
-            raise RuntimeError("the target layer did not run in the forward pass; pick a layer on the "
-                               "path from the input to the logits")
-        if activation.dim() != 4:
-            raise UserError(f"model.target_layer output has shape {tuple(activation.shape)}, not (B, C, H, W); "
-                            "pick a convolutional layer")
+        for layer, output in zip(self.layers, capture.outputs):
+            if output is None:
+                raise RuntimeError(f"the target layer {layer.name!r} did not run in the forward pass; pick a "
+                                   "layer on the path from the input to the logits")
+            if layer.view.layout == "nchw" and output.dim() != 4:
+                raise UserError(f"model.target_layer output has shape {tuple(output.shape)}, not (B, C, H, W); "
+                                "pick a convolutional layer")
         logits = logits.float()  # scores and probabilities in fp32 whatever the autocast dtype
         with torch.no_grad():
             targets = select_targets(logits, labels, self.cfg, self._classes)
-        gradients = self._gradients(logits, activation, targets)
+        gradients = self._gradients(logits, capture.outputs, targets)
         with torch.no_grad():
-            cams = self._cams(activation.detach(), gradients)
+            maps = [LayerMaps.of(layer.name, self._cams(layer.view(output.detach()), layer.view(grads)))
+                    for layer, output, grads in zip(self.layers, capture.outputs, gradients)]
+            if self.cfg.fuse is not None:
+                name = f"{self.cfg.fuse}({','.join(layer.name for layer in self.layers)})"
+                maps.append(LayerMaps.of(name, fuse_maps([m.cams for m in maps], self.cfg.fuse, self.cfg.normalize)))
             scores = logits.gather(1, targets)
             probs = torch.softmax(logits, dim=1).gather(1, targets)
-            flat = cams.flatten(2)
-            return CamResult(target_classes=targets, scores=scores, probs=probs, cams=cams,
-                             cam_mean=flat.mean(dim=2), peak=flat.argmax(dim=2))
+            return CamResult(target_classes=targets, scores=scores, probs=probs, layers=maps)
 
     def explain(self, images: torch.Tensor, labels: torch.Tensor) -> CamResult:
         """`self(images, labels)`, halving the batch and retrying on CUDA out-of-memory, so a

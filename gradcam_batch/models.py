@@ -1,5 +1,5 @@
-"""Build the classifier (torchvision, whole-model checkpoint, or the built-in demo CNN) and
-resolve the layer to explain."""
+"""Build the classifier (torchvision, timm, Hugging Face, a whole-model checkpoint, or the
+built-in demo CNN) with its own input recipe. Which layer to explain: layers.py."""
 
 from __future__ import annotations
 
@@ -12,7 +12,8 @@ import torch
 from torch import nn
 
 from gradcam_batch import UserError
-from gradcam_batch.config import ModelConfig
+from gradcam_batch.config import ModelConfig, Preprocessing
+from gradcam_batch.layers import output_shapes, resolve_target_layer, resolve_target_layers  # noqa: F401
 
 log = logging.getLogger("gradcam_batch")
 
@@ -46,7 +47,7 @@ class DemoCNN(nn.Module):
         return self.classifier(self.pool(self.features(images)).flatten(1))
 
 
-def _load_state_dict(path: str) -> dict:
+def load_state_dict(path: str) -> dict:
     if not os.path.isfile(path):
         raise UserError(f"model.weights={path!r}: file not found; pass an existing state_dict file")
     try:
@@ -76,14 +77,14 @@ def _torchvision_model(cfg: ModelConfig) -> nn.Module:
     if weights is None:
         return model  # random init: the pipeline warns once the whole config is known to be valid
     if os.path.sep in weights or weights.endswith((".pt", ".pth", ".bin", ".ckpt")) or os.path.exists(weights):
-        state = _load_state_dict(weights)
+        state = load_state_dict(weights)
     else:
         state = _hub_cached_weights(cfg.name, weights)
-    _load_fitting(model, state, f"model.weights={weights!r} does not fit {cfg.name}")
+    load_fitting(model, state, f"model.weights={weights!r} does not fit {cfg.name}")
     return model
 
 
-def _load_fitting(model: nn.Module, state: dict, what: str) -> None:
+def load_fitting(model: nn.Module, state: dict, what: str) -> None:
     """load_state_dict, with a mismatch reported in one line naming the first keys that differ."""
     expected = model.state_dict()
     missing = [key for key in expected if key not in state]
@@ -147,72 +148,34 @@ def demo_model() -> nn.Module:
     return model
 
 
-def build_model(cfg: ModelConfig) -> nn.Module:
-    """The model in eval mode with frozen parameters and no in-place activations.
+DEMO_RECIPE = Preprocessing(resize=64, crop=64, source="the demo model")
+
+
+def load_model(cfg: ModelConfig) -> tuple[nn.Module, Preprocessing]:
+    """The model in eval mode with frozen parameters and no in-place activations, and its own
+    input recipe (what data.resize, crop, mean, std and interpolation default to).
 
     In-place ops after the target layer would write into the hooked activation (a leaf that
     requires grad), so they are switched off; the cost is one extra buffer per such op.
     """
+    recipe = Preprocessing()
     if cfg.source == "demo":
-        model = demo_model()
+        model, recipe = demo_model(), DEMO_RECIPE
     elif cfg.source == "torchvision":
         model = _torchvision_model(cfg)
+    elif cfg.source in ("timm", "huggingface"):
+        from gradcam_batch import model_sources
+
+        model, recipe = (model_sources.timm_model if cfg.source == "timm" else model_sources.huggingface_model)(cfg)
     else:
         model = _checkpoint_model(cfg)
     model.eval().requires_grad_(False)
     for module in model.modules():
         if getattr(module, "inplace", False) is True:
             module.inplace = False
-    return model
+    return model, recipe
 
 
-def _output_shapes(model: nn.Module, sample: torch.Tensor) -> list[tuple[str, tuple]]:
-    """(name, output shape) of every module with a tensor output, in the order outputs complete."""
-    seen: list[tuple[str, tuple]] = []
-    handles = []
-    for name, module in model.named_modules():
-        if not name:
-            continue
-
-        def hook(module, inputs, output, name=name):
-            if isinstance(output, torch.Tensor):
-                seen.append((name, tuple(output.shape)))
-
-        handles.append(module.register_forward_hook(hook))
-    try:
-        with torch.no_grad():
-            model(sample)
-    finally:
-        for handle in handles:
-            handle.remove()
-    return seen
-
-
-def resolve_target_layer(model: nn.Module, requested: str, sample: torch.Tensor) -> tuple[str, nn.Module]:
-    """The layer to explain: a dotted module name, or `auto` (the last module to produce a 4-D
-    output with more than one spatial position)."""
-    modules = dict(model.named_modules())
-    if requested != "auto":
-        if requested not in modules or not requested:
-            close = difflib.get_close_matches(requested, [n for n in modules if n], n=3)
-            hint = f"; did you mean {', '.join(close)}?" if close else ""
-            raise UserError(f"model.target_layer={requested!r} is not a module of this model{hint}")
-        shape = dict(_output_shapes(model, sample)).get(requested)
-        if shape is None:
-            raise UserError(f"model.target_layer={requested!r} gives no tensor in the forward pass (unused, or "
-                            "it returns a tuple); pick a layer on the path to the logits")
-        if len(shape) != 4:
-            raise UserError(f"model.target_layer={requested!r} outputs shape {shape}, not a (B, C, H, W) map; "
-                            "pick a convolutional layer (model.target_layer=auto picks the last one)")
-        if shape[2] * shape[3] == 1:
-            raise UserError(f"model.target_layer={requested!r} outputs 1x1 maps (shape {shape}): a map of one "
-                            "cell shows no location; pick an earlier layer (model.target_layer=auto picks "
-                            "the last one with a spatial output)")
-        return requested, modules[requested]
-    candidates = [name for name, shape in _output_shapes(model, sample) if len(shape) == 4 and shape[2] * shape[3] > 1]
-    if not candidates:
-        raise UserError("model.target_layer=auto found no module with a spatial 4-D output; "
-                        "name one with model.target_layer=NAME")
-    name = candidates[-1]
-    log.info("target layer: %s (auto)", name)
-    return name, modules[name]
+def build_model(cfg: ModelConfig) -> nn.Module:
+    """load_model's model alone."""
+    return load_model(cfg)[0]

@@ -29,9 +29,9 @@ log = logging.getLogger("gradcam_batch")
 # split its manifest recorded.
 _IDENTITY_KEYS = {
     "data": ("format", "root", "shards", "shard_size", "image_column", "label_column", "id_column",
-             "resize", "crop", "mean", "std", "max_pixels", "demo_images"),
+             "resize", "crop", "mean", "std", "interpolation", "max_pixels", "demo_images"),
     "model": ("source", "name", "weights", "num_classes", "target_layer", "seed"),
-    "cam": ("method", "targets", "topk", "classes", "normalize"),
+    "cam": ("method", "targets", "topk", "classes", "normalize", "fuse"),
 }
 
 

@@ -28,7 +28,7 @@ from gradcam_batch.data.prefetch import DecodeBalance, DevicePrefetcher, Preproc
 from gradcam_batch.data.shards import Shard, check_output_apart, list_shards
 from gradcam_batch.data.units import Unit, list_units, listing_change, listing_record
 from gradcam_batch.engine import CamEngine, CamResult
-from gradcam_batch.models import build_model, resolve_target_layer
+from gradcam_batch.models import load_model, resolve_target_layers
 from gradcam_batch.timing import RunClock
 from gradcam_batch.output_folder import (OutputLock, check_parts, clean_temporaries, clear_output, config_hash,
                                          config_identity, counts_on_disk, foreign_entry, read_manifest,
@@ -136,8 +136,9 @@ def pointing_hits(result: CamResult, boxes: np.ndarray) -> tuple[int, int]:
     known = ~np.isnan(boxes).any(axis=1)
     if not known.any():
         return 0, 0
-    height, width = result.cams.shape[2:]
-    peak = result.peak[:, 0].numpy()[known]
+    maps = result.layers[-1]  # the fused maps where there are, else the last layer's
+    height, width = maps.cams.shape[2:]
+    peak = maps.peak[:, 0].numpy()[known]
     x = ((peak % width) + 0.5) / width
     y = ((peak // width) + 0.5) / height
     box = boxes[known]
@@ -156,6 +157,7 @@ def _metadata(cfg: Config, resolved: dict, layer: str) -> dict:
         "model": cfg.model.name or cfg.model.source,
         "target_layer": layer,
         "method": cfg.cam.method,
+        "preprocessing": {key: getattr(cfg.data, key) for key in ("resize", "crop", "mean", "std", "interpolation")},
         "versions": {"gradcam_batch": gradcam_batch.__version__, "torch": torch.__version__,
                      "torchvision": torchvision.__version__, "pyarrow": pyarrow.__version__,
                      "python": platform.python_version()},
@@ -293,6 +295,20 @@ def _shard_counts(units: list[Unit], counts: dict[str, dict[str, int]]) -> dict[
             for shard_id, members in by_shard.items() if all(unit.unit_id in counts for unit in members)}
 
 
+def _rounded(values) -> list:
+    return [round(float(value), 4) for value in values]
+
+
+def _target_layers(model, requested, sample: torch.Tensor):
+    """resolve_target_layers, with a model that cannot take the input size said in one line."""
+    try:
+        return resolve_target_layers(model, requested, sample)
+    except (RuntimeError, ValueError, AssertionError) as error:
+        first = " ".join(str(error).split())[:200]
+        raise UserError(f"the model cannot run on {sample.shape[-1]}x{sample.shape[-1]} inputs ({first}); "
+                        "set data.crop to the size it was built for, or leave data.crop unset to use its own") from error
+
+
 def _prepare(cfg: Config, device: torch.device):
     """Everything that can fail on user input, before anything is written."""
     check_output_apart(cfg.data, cfg.output.dir)  # first: it takes a moment, the model takes seconds
@@ -300,14 +316,18 @@ def _prepare(cfg: Config, device: torch.device):
         torch.set_num_threads(cfg.runtime.threads)
     amp_dtype = resolve_amp(cfg.runtime.amp, device)
     channels_last = cfg.runtime.channels_last  # NHWC convolutions are faster on CPU too (1.2-1.4x measured)
-    model = build_model(cfg.model).to(device)
+    model, recipe = load_model(cfg.model)
+    model = model.to(device)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
+    # data.resize, crop, mean, std and interpolation left null take the model's own recipe
+    cfg.data = cfg.data.resolved(recipe)
     sample = torch.zeros(1, 3, cfg.data.crop, cfg.data.crop, device=device)
-    layer_name, layer = resolve_target_layer(model, cfg.model.target_layer, sample)
+    layers = _target_layers(model, cfg.model.target_layer, sample)
     with torch.no_grad():
         num_classes = model(sample).shape[1]
-    engine = CamEngine(model, layer, cfg.cam, device, amp_dtype, num_classes=num_classes)
+    engine = CamEngine(model, layers, cfg.cam, device, amp_dtype, num_classes=num_classes)
+    layer_name = ",".join(layer.name for layer in layers)
     if cfg.data.format == "demo":
         root = cfg.data.root or Path(cfg.output.dir) / "demo-data"
         if dist.is_main():
@@ -315,6 +335,10 @@ def _prepare(cfg: Config, device: torch.device):
         dist.barrier()
         cfg.data.shards = ensure_demo_shards(root, cfg.data.demo_images)
     shards = list_shards(cfg.data)
+    if cfg.model.source in ("timm", "huggingface"):  # the model's recipe, not the familiar ImageNet one
+        log.info("preprocessing: resize %d, crop %d, %s, mean %s, std %s (defaults from %s)", cfg.data.resize,
+                 cfg.data.crop, cfg.data.interpolation, _rounded(cfg.data.mean), _rounded(cfg.data.std),
+                 recipe.source)
     return channels_last, engine, layer_name, shards
 
 
@@ -426,7 +450,8 @@ def _process(cfg: Config, resolved: dict, device, channels_last, engine: CamEngi
         # the workers alone fed ResNet-50 and ResNet-152 faster than any share of device decoding,
         # which takes its SMs from the model.
         mode = "workers"
-    decoder = (DeviceDecoder(cfg.data.resize, cfg.data.crop, device, max_pixels=cfg.data.max_pixels)
+    decoder = (DeviceDecoder(cfg.data.resize, cfg.data.crop, device, max_pixels=cfg.data.max_pixels,
+                             interpolation=cfg.data.interpolation)
                if mode in ("device", "mixed") else None)
     balance = DecodeBalance(share=cfg.data.device_share) if mode == "mixed" else None
     loader = build_loader(todo, cfg.data, pin_memory=device.type == "cuda", device_decode=decoder is not None,
@@ -447,12 +472,15 @@ def _process(cfg: Config, resolved: dict, device, channels_last, engine: CamEngi
                 result = engine.explain(ready.images, ready.labels).to_host()
                 h, p = pointing_hits(result, batch.boxes.numpy())
                 hits, pointed = hits + h, pointed + p
-                rows += result.target_classes.numel()
+                rows += result.target_classes.numel() * len(result.layers)
                 images += count
                 out = ShardOutput(batch.shard_id, batch.sample_ids, batch.labels.numpy(),
                                   result.target_classes.numpy(), result.scores.numpy(), result.probs.numpy(),
-                                  result.cams.numpy(), result.cam_mean.numpy(), result.peak.numpy(),
-                                  batch.errors, batch.last, unit_id=batch.unit_id)
+                                  [maps.cams.numpy() for maps in result.layers],
+                                  [maps.cam_mean.numpy() for maps in result.layers],
+                                  [maps.peak.numpy() for maps in result.layers],
+                                  batch.errors, batch.last, unit_id=batch.unit_id,
+                                  layers=[maps.name for maps in result.layers])
             else:
                 empty = np.empty((0, 1))
                 out = ShardOutput(batch.shard_id, [], np.empty(0, np.int64), empty, empty, empty,

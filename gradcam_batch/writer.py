@@ -89,6 +89,7 @@ CAM_SCHEMA = pa.schema([
     ("cam_mean", pa.float32()),
     ("peak_y", pa.int32()),
     ("peak_x", pa.int32()),
+    ("layer", pa.string()),
 ])
 
 ERROR_SCHEMA = pa.schema([
@@ -116,33 +117,47 @@ def completed_units(output_dir: str | Path) -> set[str]:
 
 @dataclass
 class ShardOutput:
-    """What the device loop hands the writer for one batch (host numpy arrays)."""
+    """What the device loop hands the writer for one batch (host numpy arrays). cams, cam_mean
+    and peak hold one array per layer (named in `layers`), or one array for a single layer."""
     shard_id: str  # the `shard` column
     sample_ids: list[str]
     labels: np.ndarray  # (N,) int64, -1 unknown
     target_classes: np.ndarray  # (N, K)
     scores: np.ndarray  # (N, K)
     probs: np.ndarray  # (N, K)
-    cams: np.ndarray  # (N, K, H, W) float32
-    cam_mean: np.ndarray  # (N, K)
-    peak: np.ndarray  # (N, K) flat index
+    cams: np.ndarray | list  # (N, K, H, W) float32 per layer
+    cam_mean: np.ndarray | list  # (N, K) per layer
+    peak: np.ndarray | list  # (N, K) flat index per layer
     errors: list[tuple[str, str, str, str]] = field(default_factory=list)
     last: bool = False  # the unit's final batch: its part file is complete after it
     unit_id: str = ""  # the part file's unit; "" means the whole shard
+    layers: list[str] = field(default_factory=lambda: [""])  # the `layer` column, one name per entry
 
     @property
     def unit(self) -> str:
         return self.unit_id or self.shard_id
 
 
+def _per_layer(value) -> list:
+    return list(value) if isinstance(value, (list, tuple)) else [value]
+
+
 def cam_table(out: ShardOutput) -> pa.Table:
+    """The batch's rows: for each layer, one row per (image, target), image-major."""
+    per_layer = list(zip(out.layers, _per_layer(out.cams), _per_layer(out.cam_mean), _per_layer(out.peak)))
+    tables = [_layer_table(out, *entry) for entry in per_layer]
+    return tables[0] if len(tables) == 1 else pa.concat_tables(tables)
+
+
+def _layer_table(out: ShardOutput, layer: str, layer_cams: np.ndarray, cam_mean: np.ndarray,
+                 peak: np.ndarray) -> pa.Table:
     num_images, num_targets = out.target_classes.shape
-    height, width = out.cams.shape[2:]
+    height, width = layer_cams.shape[2:]
     rows = num_images * num_targets
     labels = np.repeat(out.labels, num_targets)
     offsets = np.arange(rows + 1, dtype=np.int32) * (height * width)
-    cams = pa.ListArray.from_arrays(pa.array(offsets), pa.array(out.cams.reshape(-1).astype(np.float32, copy=False)))
-    peak = out.peak.reshape(-1)
+    cams = pa.ListArray.from_arrays(pa.array(offsets), pa.array(layer_cams.reshape(-1).astype(np.float32, copy=False)))
+    peak = peak.reshape(-1)
     return pa.Table.from_arrays([
         pa.array(np.repeat(np.array(out.sample_ids, dtype=object), num_targets), pa.string()),
         pa.array([out.shard_id] * rows, pa.string()),
@@ -154,9 +169,10 @@ def cam_table(out: ShardOutput) -> pa.Table:
         cams,
         pa.array(np.full(rows, height, dtype=np.int32)),
         pa.array(np.full(rows, width, dtype=np.int32)),
-        pa.array(out.cam_mean.reshape(-1).astype(np.float32)),
+        pa.array(cam_mean.reshape(-1).astype(np.float32)),
         pa.array((peak // width).astype(np.int32)),
         pa.array((peak % width).astype(np.int32)),
+        pa.array([layer] * rows, pa.string()),
     ], schema=CAM_SCHEMA)
 
 

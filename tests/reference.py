@@ -8,12 +8,15 @@ import torch
 from gradcam_batch.methods import compute_cam
 
 
-def full_backward_reference(model, images, classes, method):
+def full_backward_reference(model, images, classes, method, layer="layer4", as_maps=None):
     """Per image and target: plain forward, plain backward through the whole model with
-    parameter gradients, activations and gradients captured by hooks, formula in float64."""
+    parameter gradients, activations and gradients captured by hooks, formula in float64.
+    `as_maps` turns the layer's output (and its gradient) into (1, C, h, w), e.g. for tokens."""
     model = copy.deepcopy(model).requires_grad_(True)
+    as_maps = as_maps or (lambda tensor: tensor)
     captured = {}
-    handle = model.layer4.register_forward_hook(lambda m, i, o: captured.__setitem__("a", o))
+    module = model.get_submodule(layer)
+    handle = module.register_forward_hook(lambda m, i, o: captured.__setitem__("a", o))
     maps = []
     try:
         for b in range(images.shape[0]):
@@ -23,8 +26,8 @@ def full_backward_reference(model, images, classes, method):
                 activation = captured["a"]
                 activation.retain_grad()
                 logits[0, classes[b, k]].backward()
-                maps.append(compute_cam(activation.detach().double(), activation.grad.double(), method,
-                                        dtype=torch.float64)[0, 0])
+                maps.append(compute_cam(as_maps(activation.detach().double()), as_maps(activation.grad.double()),
+                                        method, dtype=torch.float64)[0, 0])
     finally:
         handle.remove()
     return torch.stack(maps).view(*classes.shape, *maps[0].shape)

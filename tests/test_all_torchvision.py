@@ -8,7 +8,7 @@ import torchvision
 
 from gradcam_batch.config import CamConfig, ModelConfig
 from gradcam_batch.engine import CamEngine
-from gradcam_batch.models import build_model, resolve_target_layer
+from gradcam_batch.models import build_model, resolve_target_layers
 
 # The largest variants repeat a smaller sibling's code (vit_b_16, vit_b_32, regnet_y_16gf) and
 # would take two of this suite's minutes just to initialise their weights on 2 cores.
@@ -24,8 +24,9 @@ def test_auto_layer_and_capture(name):
     size = 224 if name.startswith(FIXED_SIZE) else 96
     model = build_model(ModelConfig(source="torchvision", name=name))
     images = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(0))
-    layer_name, layer = resolve_target_layer(model, "auto", images[:1])
-    engine = CamEngine(model, layer, CamConfig(targets="topk", topk=2), torch.device("cpu"))
+    layers = resolve_target_layers(model, "auto", images[:1])
+    layer_name = layers[0].name
+    engine = CamEngine(model, layers, CamConfig(targets="topk", topk=2), torch.device("cpu"))
     result = engine(images, torch.full((2,), -1))
     height, width = result.cams.shape[2:]
     assert height * width > 1, f"{name}: {layer_name} gives {height}x{width} maps"

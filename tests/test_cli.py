@@ -82,7 +82,7 @@ def test_each_method_against_float64_formula(tmp_path, method):
     from gradcam_batch.data.shards import list_shards
     from gradcam_batch.data.transforms import decode_resize_crop
 
-    cfg = DataConfig(format="imagefolder", root=str(tmp_path / "data"), resize=96, crop=64)
+    cfg = DataConfig(format="imagefolder", root=str(tmp_path / "data"), resize=96, crop=64).resolved()
     samples = sorted((s for shard in list_shards(cfg) for s in iter_samples(shard, cfg)), key=lambda s: s.sample_id)
     images = torch.stack([decode_resize_crop(s.payload, 96, 64)[0] for s in samples]).float() / 255
     images = (images - torch.tensor(cfg.mean).view(1, 3, 1, 1)) / torch.tensor(cfg.std).view(1, 3, 1, 1)

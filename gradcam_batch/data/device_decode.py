@@ -1,7 +1,8 @@
 """Batched JPEG decoding on the device (data.decode=device or mixed): workers ship the bytes of
 the JPEGs that `transforms.device_jpeg_size` accepted, the device decodes them in one call, then
-resizes and crops each size group straight into its rows of the output, before any float
-conversion. Everything else was decoded by the workers already.
+resizes (data.interpolation: antialiased bilinear or bicubic, as the workers do) and crops each
+size group straight into its rows of the output, before any float conversion. Everything else was
+decoded by the workers already.
 
 Decoders, best first: nvImageCodec (`nvidia.nvimgcodec`, the A100/H100 hardware JPEG engines plus
 its CUDA and CPU backends) when it is installed, else torchvision's batched nvJPEG; on a CPU
@@ -17,7 +18,8 @@ import torch.nn.functional as F
 from torchvision.io import ImageReadMode, decode_jpeg
 from torchvision.transforms.v2 import functional as TF
 
-from gradcam_batch.data.transforms import DEFAULT_MAX_PIXELS, decode_rgb, resize_crop, resized_size
+from gradcam_batch.data.transforms import (DEFAULT_MAX_PIXELS, decode_rgb, interpolation_mode, resize_crop,
+                                           resized_size)
 
 log = logging.getLogger("gradcam_batch")
 
@@ -58,11 +60,13 @@ class _NvImageCodec:
 
 class DeviceDecoder:
     def __init__(self, resize: int, crop: int, device: torch.device, backend: str = "auto",
-                 max_pixels: int = DEFAULT_MAX_PIXELS):
+                 max_pixels: int = DEFAULT_MAX_PIXELS, interpolation: str = "bilinear"):
         if backend not in DECODER_BACKENDS:
             raise ValueError(f"backend={backend!r}: expected one of {', '.join(DECODER_BACKENDS)}")
+        interpolation_mode(interpolation)  # ValueError for anything but bilinear / bicubic
         self.resize = resize
         self.crop = crop
+        self.interpolation = interpolation  # the resize filter, data.interpolation, as the workers use it
         # data.max_pixels bounds the pixels of each resize call, as it bounds the workers' resize
         # (transforms.resize_crop): a group of long strips of one size would otherwise add up.
         self.max_pixels = max_pixels
@@ -162,32 +166,41 @@ class DeviceDecoder:
             # torchvision resizes uint8 natively on the CPU; its own call keeps the worker path's
             # numbers, and resizes only the crop's window of an image too long to resize whole
             # (on CUDA too, where it rounds as resize_crop_rounded does).
-            out.copy_(resize_crop(images, self.resize, self.crop, max_pixels=self.max_pixels)[0])
+            out.copy_(resize_crop(images, self.resize, self.crop, max_pixels=self.max_pixels,
+                                  interpolation=self.interpolation)[0])
         else:
-            resize_crop_rounded(images, self.resize, self.crop, out)
+            resize_crop_rounded(images, self.resize, self.crop, out, interpolation=self.interpolation)
 
 
-def resize_crop_rounded(images: torch.Tensor, resize: int, crop: int, out: torch.Tensor | None = None) -> torch.Tensor:
+def resize_crop_rounded(images: torch.Tensor, resize: int, crop: int, out: torch.Tensor | None = None,
+                        interpolation: str = "bilinear") -> torch.Tensor:
     """`transforms.resize_crop` of a uint8 batch (N, 3, H, W) as torchvision computes it where it
-    has no native uint8 resize (CUDA): float32 antialiased bilinear resize, rounded, cropped. Only
-    the crop window is rounded and converted, written into `out` (uint8 (N, 3, crop, crop), any
-    view) when given; saves torchvision's per-call dispatch, which per-image groups pay in full."""
+    has no native uint8 resize (CUDA): float32 antialiased bilinear or bicubic (`interpolation`)
+    resize, clamped to 0..255 (bicubic), rounded, cropped. Only the crop window is clamped, rounded
+    and converted, written into `out` (uint8 (N, 3, crop, crop), any view) when given; saves
+    torchvision's per-call dispatch, which per-image groups pay in full."""
+    interpolation_mode(interpolation)  # ValueError for anything but bilinear / bicubic
     height, width = images.shape[-2:]
     new_height, new_width = resized_size(height, width, resize)
     if (new_height, new_width) != (height, width):
-        images = F.interpolate(images.float(), size=[new_height, new_width], mode="bilinear",
+        images = F.interpolate(images.float(), size=[new_height, new_width], mode=interpolation,
                                align_corners=False, antialias=True)
+    # Antialiased bilinear weights are non-negative and sum to 1, so its rounded values stay in
+    # 0..255 and the cast is exact, as in torchvision. Bicubic's negative lobes overshoot at hard
+    # edges (below 0, above 255), where a plain cast would wrap around: clamped first, as
+    # torchvision clamps.
+    clamp = interpolation == "bicubic"
     if crop > new_height or crop > new_width:  # center_crop pads with zeros: rare, torchvision does it
-        window = TF.center_crop(images.round_() if images.is_floating_point() else images, [crop, crop])
+        if images.is_floating_point():
+            images = (images.clamp_(0, 255) if clamp else images).round_()
+        window = TF.center_crop(images, [crop, crop])
     else:
         top = int(round((new_height - crop) / 2.0))
         left = int(round((new_width - crop) / 2.0))
         window = images[..., top:top + crop, left:left + crop]
         if window.is_floating_point():
-            # the resized image is this function's own temporary: round the window in place
-            window = window.round_()
-    # Antialiased bilinear weights are non-negative and sum to 1, so the rounded values stay in
-    # 0..255 and the cast is exact, as in torchvision.
+            # the resized image is this function's own temporary: clamp and round the window in place
+            window = (window.clamp_(0, 255) if clamp else window).round_()
     if out is None:
         return window.to(torch.uint8)
     return out.copy_(window)

@@ -71,7 +71,8 @@ class ShardBatches(IterableDataset):
 
     def __init__(self, units: list[Unit | Shard], cfg: DataConfig, device_decode: bool = False, balance=None):
         self.units = [as_unit(unit) for unit in units]
-        self.cfg = cfg
+        # resize, crop, ... left null: torchvision's recipe (the pipeline has filled in the model's)
+        self.cfg = cfg.resolved()
         self.device_decode = device_decode
         # data.decode=mixed: a DecodeBalance whose shared share says, sample by sample, whether
         # this worker ships the JPEG to the device or decodes it itself
@@ -88,7 +89,8 @@ class ShardBatches(IterableDataset):
             pending.payloads.append(sample.payload)
             pending.payload_rows.append((sample.sample_id, sample.label, _or_nan(map_box(box, *size, cfg.resize, cfg.crop))))
             return
-        image, box = decode_resize_crop(sample.payload, cfg.resize, cfg.crop, cfg.max_pixels, box)
+        image, box = decode_resize_crop(sample.payload, cfg.resize, cfg.crop, cfg.max_pixels, box,
+                                        interpolation=cfg.interpolation)
         pending.images.append(image)
         pending.decoded_rows.append((sample.sample_id, sample.label, _or_nan(box)))
 

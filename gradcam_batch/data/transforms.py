@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 from torchvision.io import ImageReadMode, decode_image
+from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
 
 # torchvision >= 0.29 announces that its decoders will move to torchcodec; they still work and
@@ -37,6 +38,14 @@ warnings.filterwarnings("ignore", message="The image decoding and encoding capab
 warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
 
 DEFAULT_MAX_PIXELS = 89_478_485  # DataConfig.max_pixels' default, Pillow's own warning limit
+
+# data.interpolation: the resize filter, antialiased either way (torchvision's recipes resize
+# bilinearly, timm's and most Hugging Face processors bicubically). Support: how many source
+# pixels the filter reaches on either side of a sample point when upscaling (divided by the
+# scale when downscaling, where the antialiasing filter widens with it).
+INTERPOLATIONS = ("bilinear", "bicubic")
+_INTERPOLATION_MODES = {"bilinear": InterpolationMode.BILINEAR, "bicubic": InterpolationMode.BICUBIC}
+_FILTER_SUPPORT = {"bilinear": 1.0, "bicubic": 2.0}
 
 # What torchvision decodes with the same meaning as the Pillow path: no alpha to composite, no
 # animation to pick a frame from (it returns every GIF frame). MPO is a camera JPEG with extra
@@ -239,11 +248,20 @@ def map_box(box: Optional[list], height: int, width: int, resize: int, crop: int
     return [min(max(v, 0.0), 1.0) for v in mapped]
 
 
+def interpolation_mode(interpolation: str) -> InterpolationMode:
+    """torchvision's mode for a data.interpolation value; ValueError for anything else."""
+    try:
+        return _INTERPOLATION_MODES[interpolation]
+    except (KeyError, TypeError):
+        raise ValueError(f"interpolation={interpolation!r}: expected one of {', '.join(INTERPOLATIONS)}") from None
+
+
 def resize_crop(image: torch.Tensor, resize: int, crop: int, box: Optional[list] = None,
-                max_pixels: int = DEFAULT_MAX_PIXELS):
+                max_pixels: int = DEFAULT_MAX_PIXELS, interpolation: str = "bilinear"):
     """Shorter side to `resize`, center crop `crop` (one image (3, H, W) or a batch of equal
     size); the box (pixels) follows the image and is returned normalized to [0, 1] of the crop,
-    or None.
+    or None. `interpolation`: "bilinear" or "bicubic", antialiased either way (torchvision clamps
+    bicubic's overshoot to 0..255 for uint8).
 
     The pixels after the resize are bounded like those before: when the resized image would hold
     more than `max_pixels` (only a long thin strip does: a 370-byte 300000x1 PNG resized to 256
@@ -251,24 +269,28 @@ def resize_crop(image: torch.Tensor, resize: int, crop: int, box: Optional[list]
     whole resize's sampling grid: the same pixels up to a rounding step (at worst shifted by half
     a resized pixel), in the memory of a few crops. Every other image is resized whole, exactly
     as before."""
+    mode = interpolation_mode(interpolation)
     height, width = image.shape[-2:]
     resized_height, resized_width = resized_size(height, width, resize)
     if resized_height * resized_width > max_pixels:
-        image = _resize_crop_window(image, resize, crop)
+        image = _resize_crop_window(image, resize, crop, interpolation)
     else:
-        image = TF.center_crop(TF.resize(image, [resize], antialias=True), [crop, crop])
+        image = TF.center_crop(TF.resize(image, [resize], interpolation=mode, antialias=True), [crop, crop])
     return image, map_box(box, height, width, resize, crop)
 
 
-def _resize_crop_window(image: torch.Tensor, resize: int, crop: int) -> torch.Tensor:
+def _resize_crop_window(image: torch.Tensor, resize: int, crop: int, interpolation: str = "bilinear") -> torch.Tensor:
     """center_crop(resize(image, [resize]), [crop, crop]) computed from the source pixels that the
     crop's window depends on, resized at the same scale. Refusing such images instead would lose
     them, and capping the aspect ratio would still let a large `resize` multiply the pixels."""
+    mode = interpolation_mode(interpolation)
+    support = _FILTER_SUPPORT[interpolation]
     height, width = image.shape[-2:]
     resized_height, resized_width = resized_size(height, width, resize)
-    top, bottom, rows, row_offset = _window_span(height, resized_height, crop)
-    left, right, columns, column_offset = _window_span(width, resized_width, crop)
-    resized = TF.resize(image[..., top:bottom, left:right].contiguous(), [rows, columns], antialias=True)
+    top, bottom, rows, row_offset = _window_span(height, resized_height, crop, support)
+    left, right, columns, column_offset = _window_span(width, resized_width, crop, support)
+    resized = TF.resize(image[..., top:bottom, left:right].contiguous(), [rows, columns], interpolation=mode,
+                        antialias=True)
     if row_offset is not None:
         resized = resized[..., row_offset:row_offset + crop, :]
     if column_offset is not None:
@@ -277,11 +299,12 @@ def _resize_crop_window(image: torch.Tensor, resize: int, crop: int) -> torch.Te
     return TF.center_crop(resized, [crop, crop])
 
 
-def _window_span(size: int, resized: int, crop: int) -> tuple[int, int, int, Optional[int]]:
+def _window_span(size: int, resized: int, crop: int, support: float = 1.0) -> tuple[int, int, int, Optional[int]]:
     """Along one axis of `size` source pixels that the whole resize makes `resized` long: the source
     pixels [first, stop) that center_crop's `crop` pixels depend on, the length to resize them to,
     and where the crop starts in that resize (None: the whole axis is resized, and center_crop
-    finds the crop itself).
+    finds the crop itself). `support`: the filter's reach in source pixels when upscaling
+    (bilinear 1, bicubic 2), widened by 1/scale when downscaling.
 
     The resize of a span lands on the whole resize's sampling grid when both ends fall on whole
     resized pixels (edge * resized / size an integer); the ends are moved outwards, by at most
@@ -290,9 +313,10 @@ def _window_span(size: int, resized: int, crop: int) -> tuple[int, int, int, Opt
     pixel where none do."""
     start = int(round((resized - crop) / 2.0))  # center_crop's offset in the whole resize
     scale = resized / size  # resized pixels per source pixel
-    # The antialiasing filter reaches one source pixel when upscaling and 1/scale when downscaling;
-    # one more covers the rounding of the span's ends.
-    reach = math.ceil(max(1.0, 1.0 / scale)) + 1
+    # The antialiasing filter reaches `support` source pixels when upscaling and support/scale when
+    # downscaling (bilinear: 1 and 1/scale, bicubic: 2 and 2/scale); one more covers the rounding
+    # of the span's ends.
+    reach = math.ceil(support * max(1.0, 1.0 / scale)) + 1
     first = max(0, math.floor(start / scale) - reach)
     stop = min(size, math.ceil((start + crop) / scale) + reach)
     if crop >= resized or (first == 0 and stop == size):
@@ -317,10 +341,10 @@ _TRANSPOSING_ORIENTATIONS = frozenset({5, 6, 7, 8})  # EXIF orientations that sw
 
 
 def decode_resize_crop(payload: bytes, resize: int, crop: int, max_pixels: int = DEFAULT_MAX_PIXELS,
-                       box: Optional[list] = None) -> tuple[torch.Tensor, Optional[list]]:
-    """`resize_crop(decode_rgb(payload, max_pixels), resize, crop, box)` with the same meaning and
-    the same errors, faster for JPEGs: uint8 (3, crop, crop) and the box normalized to [0, 1] of
-    the crop (or None).
+                       box: Optional[list] = None, interpolation: str = "bilinear") -> tuple[torch.Tensor, Optional[list]]:
+    """`resize_crop(decode_rgb(payload, max_pixels), resize, crop, box, interpolation=...)` with the
+    same meaning and the same errors, faster for JPEGs: uint8 (3, crop, crop) and the box
+    normalized to [0, 1] of the crop (or None).
 
     A JPEG whose shorter side is at least `resize` is decoded at 1/2, 1/4 or 1/8 of its size when
     the reduced shorter side stays >= `resize` (no detail the resize keeps is lost), and only the
@@ -328,23 +352,26 @@ def decode_resize_crop(payload: bytes, resize: int, crop: int, max_pixels: int =
     rounded to whole decoded pixels, so the result may be shifted by up to half a decoded pixel
     against resize_crop's, and DCT scaling filters differently from the antialiasing resize; the
     box follows this geometry. Everything else (other formats, images smaller than `resize`, JPEGs Pillow
-    cannot decode at reduced size) takes exactly resize_crop(decode_rgb(...))."""
+    cannot decode at reduced size) takes exactly resize_crop(decode_rgb(...)). DCT scaling serves
+    either filter: the reduced image keeps at least `resize` pixels on its shorter side, and the
+    filter does the rest of the downscaling."""
+    mode = interpolation_mode(interpolation)  # a bad value raises before any decoding
     with open_header(payload, max_pixels) as header:
         width, height = header.size
         if (header.format not in ("JPEG", "MPO") or header.mode not in _FAST_MODES
                 or min(width, height) < resize):
-            return resize_crop(_decode_opened(payload, header), resize, crop, box, max_pixels)
+            return resize_crop(_decode_opened(payload, header), resize, crop, box, max_pixels, interpolation)
         try:
             orientation = header.getexif().get(_EXIF_ORIENTATION, 1)
         except _DECODE_ERRORS:  # Pillow could not parse the EXIF block; torchvision reads its own
-            return resize_crop(decode_rgb(payload, max_pixels), resize, crop, box, max_pixels)
+            return resize_crop(decode_rgb(payload, max_pixels), resize, crop, box, max_pixels, interpolation)
         if orientation in _TRANSPOSING_ORIENTATIONS:
             width, height = height, width
         scale = _dct_scale(min(width, height), resize) if header.mode in ("RGB", "L") else 1
         if scale > 1:
             image = _decode_jpeg_reduced(header, scale)
             if image is None:  # decode_rgb's decoder decides, and words the error as it always has
-                return resize_crop(decode_rgb(payload, max_pixels), resize, crop, box, max_pixels)
+                return resize_crop(decode_rgb(payload, max_pixels), resize, crop, box, max_pixels, interpolation)
         else:
             image = _decode_opened(payload, header).permute(1, 2, 0)  # torchvision: (H, W, 3) memory
             height, width = image.shape[:2]
@@ -359,7 +386,7 @@ def decode_resize_crop(payload: bytes, resize: int, crop: int, max_pixels: int =
         pixels = pixels.unsqueeze(-1)
     pixels = pixels.permute(2, 0, 1)
     if pixels.shape[1:] != (crop, crop):
-        pixels = TF.resize(pixels, [crop, crop], antialias=True)
+        pixels = TF.resize(pixels, [crop, crop], interpolation=mode, antialias=True)
     if pixels.shape[0] == 1:
         pixels = pixels.expand(3, -1, -1).contiguous()
     return pixels, _box_in_region(box, scale, region)

@@ -297,3 +297,25 @@ def test_cpu_without_interpreter_is_refused(monkeypatch):
     monkeypatch.setattr(kernels_cam, "_PLANS", {})
     with pytest.raises(ValueError, match="needs CUDA tensors or TRITON_INTERPRET=1"):
         fused_cam(*good_inputs())
+
+
+@pytest.mark.parametrize("layout", ["tokens", "nhwc-tokens"])
+@pytest.mark.parametrize("method", ["gradcam", "layercam"])
+def test_transformer_outputs_read_in_place(layout, method):
+    """A ViT's tokens (B, N, D) less the class token, and a Swin's (B, H, W, C), read through
+    MapView's strided views (the batch stride spans the dropped token): no copy, same maps."""
+    from gradcam_batch.layers import MapView
+
+    generator = torch.Generator().manual_seed(fresh_seed("tokens", layout, method))
+    if layout == "tokens":
+        view, tokens = MapView("tokens", 1, (5, 5)), 1 + 25
+        activations = torch.randn(2, tokens, 24, generator=generator).abs().to(DEVICE)
+        gradients = torch.randn(2, 3, tokens, 24, generator=generator).to(DEVICE)
+    else:
+        view = MapView("nhwc")
+        activations = torch.randn(2, 5, 5, 24, generator=generator).abs().to(DEVICE)
+        gradients = torch.randn(2, 3, 5, 5, 24, generator=generator).to(DEVICE)
+    maps, grads = view(activations), view(gradients)
+    assert maps.data_ptr() != 0 and maps.untyped_storage().data_ptr() == activations.untyped_storage().data_ptr()
+    result = fused_cam(maps, grads, method, True)
+    assert_close(result, reference(maps, grads, method, True), True, TOLERANCE[torch.float32])
