@@ -61,11 +61,11 @@ from pipeline_runs import (TimedOut, common_overrides, decode_modes, pipeline_de
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
 STAGE_PROVIDERS = ("forward", "engine", "decode", "device-decode", "writer")
-RUN_PROVIDERS = ("top1", "top1-1shard", "top1-workers", "top1-device", "top1-mixed", "topk", "big")
+RUN_PROVIDERS = ("top1", "top1-1shard", "top1-workers", "top1-device", "top1-mixed", "topk", "big", "vit", "timm")
 PROVIDERS = STAGE_PROVIDERS + RUN_PROVIDERS + tuple(PEERS)
 # the order the whole runs go in: what the goals need first, so a short budget drops the rest
-RUN_PRIORITY = ("top1", "top1-1shard", "big", "top1-workers", "top1-device", "top1-mixed", "pytorch-grad-cam",
-                "captum", "topk")
+RUN_PRIORITY = ("top1", "top1-1shard", "big", "vit", "top1-workers", "top1-device", "top1-mixed", "pytorch-grad-cam",
+                "captum", "topk", "timm")
 PEER_MODULES = {"pytorch-grad-cam": "pytorch_grad_cam", "captum": "captum"}
 DECODE_PROVIDERS = {"top1-workers": "workers", "top1-device": "device", "top1-mixed": "mixed"}
 CUDA_ONLY = {
@@ -73,6 +73,7 @@ CUDA_ONLY = {
     "top1-mixed": "needs CUDA (data.decode=mixed shares JPEGs between CPU workers and the CUDA device)",
     "device-decode": "needs CUDA (DeviceDecoder decodes with nvJPEG on the device)",
     "big": "needs CUDA (the ResNet-152 rows take minutes per run on a CPU)",
+    "vit": "needs CUDA (the ViT-B/16 rows take minutes per run on a CPU)",
 }
 ONE_SHARD_ALREADY = "skipped: the dataset is one shard already (--images <= --shard-size)"
 # a run is not started with less time left than this: imports and start-up alone take about 10 s
@@ -95,6 +96,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="cache of generated shards; one sub-folder per count/size (default %(default)s)")
     parser.add_argument("--model", help="torchvision model (default resnet50 on cuda, resnet18 on cpu)")
     parser.add_argument("--big-model", default="resnet152", help="compute-bound model, cuda only (default resnet152)")
+    parser.add_argument("--vit-model", default="vit_b_16",
+                        help="torchvision vision transformer, cuda only, target layer auto (default vit_b_16)")
+    parser.add_argument("--timm-model", default="resnet18",
+                        help="timm model of the `timm` row, target layer auto (default resnet18)")
     parser.add_argument("--target-layer", default="layer4", help="dotted module name (default layer4)")
     parser.add_argument("--resize", type=int, help="shorter side before the crop (default 256; --quick 72)")
     parser.add_argument("--crop", type=int, help="center crop (default 224; --quick 64)")
@@ -263,6 +268,9 @@ class Benchmark:
         if "big" in wanted and self.cuda:  # ResNet-152's forward bounds its gradcam-batch row
             stage("forward-big", f"forward {args.big_model}",
                   lambda: stages.bench_forward(args, device, args.big_model), args.big_model)
+        if "vit" in wanted and self.cuda:  # and ViT-B/16's its row
+            stage("forward-vit", f"forward {args.vit_model}",
+                  lambda: stages.bench_forward(args, device, args.vit_model), args.vit_model)
         if "engine" in wanted:
             variants = [(1, None), (args.topk, None)] + ([] if self.cuda else [(1, False)])  # NCHW what-if on CPU
             for targets, channels_last in variants:
@@ -308,12 +316,14 @@ class Benchmark:
         shards = dataset.meta["shards"]
         plans: list[dict] = []
 
-        def gradcam_batch(key, provider, model, data, topk=None, decode=None):
+        def gradcam_batch(key, provider, model, data, topk=None, decode=None, source=None):
             overrides = row_overrides(data.shards_glob, model, topk, decode)
+            if source is not None:  # another model family, its layer chosen by auto
+                overrides += [f"model={source}", "model.target_layer=auto"]
             plans.append(dict(key=key, provider=provider, model=model, batch=str(args.batch_size),
                               decode=decode or "auto", shards=data.meta["shards"],
                               ran=_short_path(" ".join(overrides), dataset.folder),
-                              reference=stages.forward_key(args, model),
+                              reference="" if source == "timm" else stages.forward_key(args, model),
                               work=lambda: run_gradcam_batch(args, device_type, overrides, self.timeout())))
 
         modes = decode_modes()
@@ -341,6 +351,13 @@ class Benchmark:
                 gradcam_batch(key, _run_label(args, key, shards), args.model, dataset, topk=args.topk)
             elif key == "big":
                 gradcam_batch(key, _run_label(args, key, shards), args.big_model, dataset)
+            elif key == "vit":
+                gradcam_batch(key, _run_label(args, key, shards), args.vit_model, dataset, source="torchvision")
+            elif key == "timm" and importlib.util.find_spec("timm") is None:
+                plans.append(dict(key=key, provider=_run_label(args, key, shards), model=args.timm_model,
+                                  status="skipped: timm not installed (pip install timm)"))
+            elif key == "timm":
+                gradcam_batch(key, _run_label(args, key, shards), args.timm_model, dataset, source="timm")
             else:
                 plans.append(self._peer_plan(key, dataset))
         return plans
@@ -423,7 +440,7 @@ class Benchmark:
 
 
 def _run_model(args, key: str) -> str:
-    return args.big_model if key == "big" else args.model
+    return {"big": args.big_model, "vit": args.vit_model, "timm": args.timm_model}.get(key, args.model)
 
 
 def _run_label(args, key: str, shards: int) -> str:
@@ -433,7 +450,9 @@ def _run_label(args, key: str, shards: int) -> str:
             "top1-device": "gradcam-batch top-1, decode device",
             "top1-mixed": "gradcam-batch top-1, decode mixed",
             "topk": f"gradcam-batch top-{args.topk}",
-            "big": f"gradcam-batch {args.big_model} top-1"}[key]
+            "big": f"gradcam-batch {args.big_model} top-1",
+            "vit": f"gradcam-batch {args.vit_model} top-1",
+            "timm": f"gradcam-batch timm {args.timm_model} top-1"}[key]
 
 
 def result_name(device: str, card: str, date: datetime.date) -> str:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 STAGE = "stage"  # one stage alone, in the benchmark's own process
 RUN = "run"  # a whole job in its own process: gradcam-batch or a peer
-SUMMARY_STAGES = ("forward", "forward-big", "engine", "decode", "decode-1shard")  # with device-decode*: the bounds
+SUMMARY_STAGES = ("forward", "forward-big", "forward-vit", "engine", "decode", "decode-1shard")  # with device-decode*: the bounds
 
 
 # --- the machine and the code measured ---------------------------------------------------------

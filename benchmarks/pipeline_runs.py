@@ -115,8 +115,10 @@ def run_gradcam_batch(args, device_type: str, overrides: list[str], timeout: flo
     """One `python -m gradcam_batch` run: images, rows, errors, its own seconds, the wall time
     and the manifest's timing keys."""
     with tempfile.TemporaryDirectory(prefix="bench-gradcam-batch-") as output_dir:
-        command = [sys.executable, "-m", "gradcam_batch", *common_overrides(args, device_type), *overrides,
-                   f"output.dir={output_dir}"]
+        # a row's own value of a shared key (model=timm, model.target_layer=auto) replaces the shared one
+        own = {override.split("=", 1)[0] for override in overrides}
+        common = [override for override in common_overrides(args, device_type) if override.split("=", 1)[0] not in own]
+        command = [sys.executable, "-m", "gradcam_batch", *common, *overrides, f"output.dir={output_dir}"]
         finished = run_command(command, timeout)
         if finished.returncode != 0:
             raise RuntimeError(failure_text(finished))

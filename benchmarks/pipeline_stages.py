@@ -64,7 +64,10 @@ def _release(device) -> None:
 
 
 def forward_key(args, model_name: str) -> str:
-    return "forward" if model_name == args.model else "forward-big"
+    """The stage row whose forward bounds a run of this model (the timm row has none)."""
+    if model_name == args.model:
+        return "forward"
+    return "forward-vit" if model_name == getattr(args, "vit_model", None) else "forward-big"
 
 
 def bench_forward(args, device, model_name: str) -> Row:
