@@ -24,6 +24,10 @@ members, then measures:
                       top-1 with data.decode=workers / device / mixed (device and mixed need CUDA)
     topk              top-k (--topk, default 5)
     big               ResNet-152 top-1 (CUDA only)
+    vit               ViT-B/16 top-1, its layer chosen by auto (CUDA only), against its own forward
+    timm              a timm model (--timm-model, default resnet18) top-1, layer auto
+    faithfulness      top-1 with metrics.faithfulness=true: what the extra forwards cost
+    heatmaps          top-1 with output.cam_size=input and output.heatmap_png=true
   peers, a subprocess each (this file in --peer-... mode) on the first --peer-images images:
     pytorch-grad-cam  pytorch_grad_cam.GradCAM maps of the predicted class
     captum            captum.attr.LayerGradCam (+ LayerAttribution.interpolate)
@@ -61,11 +65,15 @@ from pipeline_runs import (TimedOut, common_overrides, decode_modes, pipeline_de
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
 STAGE_PROVIDERS = ("forward", "engine", "decode", "device-decode", "writer")
-RUN_PROVIDERS = ("top1", "top1-1shard", "top1-workers", "top1-device", "top1-mixed", "topk", "big", "vit", "timm")
+RUN_PROVIDERS = ("top1", "top1-1shard", "top1-workers", "top1-device", "top1-mixed", "topk", "big", "vit", "timm",
+                 "faithfulness", "heatmaps")
+# rows that add output options to the top-1 row, to measure what they cost
+OPTION_PROVIDERS = {"faithfulness": ["metrics.faithfulness=true"],
+                    "heatmaps": ["output.cam_size=input", "output.heatmap_png=true"]}
 PROVIDERS = STAGE_PROVIDERS + RUN_PROVIDERS + tuple(PEERS)
 # the order the whole runs go in: what the goals need first, so a short budget drops the rest
 RUN_PRIORITY = ("top1", "top1-1shard", "big", "vit", "top1-workers", "top1-device", "top1-mixed", "pytorch-grad-cam",
-                "captum", "topk", "timm")
+                "captum", "topk", "timm", "faithfulness", "heatmaps")
 PEER_MODULES = {"pytorch-grad-cam": "pytorch_grad_cam", "captum": "captum"}
 DECODE_PROVIDERS = {"top1-workers": "workers", "top1-device": "device", "top1-mixed": "mixed"}
 CUDA_ONLY = {
@@ -316,8 +324,8 @@ class Benchmark:
         shards = dataset.meta["shards"]
         plans: list[dict] = []
 
-        def gradcam_batch(key, provider, model, data, topk=None, decode=None, source=None):
-            overrides = row_overrides(data.shards_glob, model, topk, decode)
+        def gradcam_batch(key, provider, model, data, topk=None, decode=None, source=None, extra=()):
+            overrides = row_overrides(data.shards_glob, model, topk, decode) + list(extra)
             if source is not None:  # another model family, its layer chosen by auto
                 overrides += [f"model={source}", "model.target_layer=auto"]
             plans.append(dict(key=key, provider=provider, model=model, batch=str(args.batch_size),
@@ -358,6 +366,8 @@ class Benchmark:
                                   status="skipped: timm not installed (pip install timm)"))
             elif key == "timm":
                 gradcam_batch(key, _run_label(args, key, shards), args.timm_model, dataset, source="timm")
+            elif key in OPTION_PROVIDERS:
+                gradcam_batch(key, _run_label(args, key, shards), args.model, dataset, extra=OPTION_PROVIDERS[key])
             else:
                 plans.append(self._peer_plan(key, dataset))
         return plans
@@ -452,7 +462,9 @@ def _run_label(args, key: str, shards: int) -> str:
             "topk": f"gradcam-batch top-{args.topk}",
             "big": f"gradcam-batch {args.big_model} top-1",
             "vit": f"gradcam-batch {args.vit_model} top-1",
-            "timm": f"gradcam-batch timm {args.timm_model} top-1"}[key]
+            "timm": f"gradcam-batch timm {args.timm_model} top-1",
+            "faithfulness": "gradcam-batch top-1 + faithfulness (3 fractions: 7 extra forwards)",
+            "heatmaps": "gradcam-batch top-1 + cam_size=input + heatmap_png"}[key]
 
 
 def result_name(device: str, card: str, date: datetime.date) -> str:

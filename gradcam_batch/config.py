@@ -75,6 +75,10 @@ class DataConfig:
     label_column: Optional[str] = "label"
     """parquet: integer label column. The default `label` may be missing (labels unknown); any other
     name must be a column of the data, and null reads no labels."""
+    boxes_column: Optional[str] = "boxes"
+    """parquet: column of object boxes (a list of [x0, y0, x1, y1] in pixels of the original
+    image) for the localization metrics. The default `boxes` may be missing; null reads none.
+    webdataset: boxes come from `<key>.json` (`boxes`, or one `box`)."""
     id_column: Optional[str] = None
     """parquet: sample id column; without it ids are `<shard stem>/<row index>`."""
     resize: Optional[int] = None
@@ -290,16 +294,51 @@ class OutputConfig:
     """Parquet compression codec."""
     queue_size: int = 8
     """Finished batches the writer thread may hold before the device waits."""
+    cam_size: Any = "layer"
+    """Also store each map upsampled (bilinear, after normalization) as float16 in `cam_resized`:
+    layer (no: the `cam` column at the layer's resolution only), input (the crop fed to the
+    model, e.g. 224x224) or [h, w]. Costs 2*h*w bytes per row before compression."""
+    heatmap_png: bool = False
+    """Store an 8-bit PNG of the coloured map blended over the crop in `heatmap_png`, ready for a
+    dashboard to show (about 60-100 kB per row at 224x224)."""
     overwrite: bool = False
     """Delete the earlier output in dir before running. Without it, a rerun resumes, and a
     rerun with a different model, layer, method, targets or data is refused."""
 
     def __post_init__(self) -> None:
         _at_least("output.queue_size", self.queue_size, 1)
+        size = self.cam_size
+        if isinstance(size, (list, tuple)):
+            if len(size) != 2 or not all(isinstance(side, int) and not isinstance(side, bool) and side >= 1
+                                         for side in size):
+                raise UserError(f"output.cam_size={list(size)} is not valid; use layer, input or [height, width]")
+            self.cam_size = [int(size[0]), int(size[1])]
+        elif size not in ("layer", "input"):
+            raise UserError(f"output.cam_size={size!r} is not valid; use layer, input or [height, width]")
         if not _parquet_codec(self.compression):
             known = [codec for codec in ("zstd", "snappy", "gzip", "brotli", "lz4", "none") if _parquet_codec(codec)]
             raise UserError(f"output.compression={self.compression!r} is not a Parquet codec this pyarrow has; "
                             f"use one of: {', '.join(known)}")
+
+
+@dataclass
+class MetricsConfig:
+    threshold: float = 0.5
+    """box_iou: the map (upsampled to the crop) counts as "on" where it is >= this."""
+    faithfulness: bool = False
+    """Also measure, per row, the target's probability after keeping only the top fraction of the
+    map (insertion) and after removing it (deletion), for each of `fractions`, and the change of
+    confidence with the image multiplied by the map (pytorch-grad-cam's
+    CamMultImageConfidenceChange). Costs (2 * len(fractions) + 1) extra forwards per target."""
+    fractions: List[float] = field(default_factory=lambda: [0.1, 0.25, 0.5])
+    """Fractions of the image (by map rank) kept or removed by the faithfulness metrics."""
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.threshold, (int, float)) or not 0.0 <= self.threshold <= 1.0:
+            raise UserError(f"metrics.threshold={self.threshold!r} is not valid; it must be between 0 and 1")
+        if not self.fractions or not all(isinstance(p, (int, float)) and 0.0 < p <= 1.0 for p in self.fractions):
+            raise UserError(f"metrics.fractions={list(self.fractions)!r} is not valid; list fractions in (0, 1]")
+        self.fractions = [float(p) for p in self.fractions]
 
 
 @dataclass
@@ -331,6 +370,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     cam: CamConfig = field(default_factory=CamConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
 
 

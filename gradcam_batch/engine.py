@@ -18,6 +18,7 @@ from gradcam_batch import UserError
 from gradcam_batch.config import CamConfig
 from gradcam_batch.layers import MapView, TargetLayer
 from gradcam_batch.methods import compute_cam, normalize_maps
+from gradcam_batch.statistics import map_statistics
 
 log = logging.getLogger("gradcam_batch")
 
@@ -69,21 +70,38 @@ class ActivationCapture(contextlib.AbstractContextManager):
         self._handles = []
 
 
+STATISTICS = ("com_y", "com_x", "entropy", "center_mass", "border_mass")
+
+
 @dataclass
 class LayerMaps:
-    """One layer's maps of a batch (or several layers' maps fused)."""
+    """One layer's maps of a batch (or several layers' maps fused), with their statistics."""
     name: str
     cams: torch.Tensor  # float32 (B, K, H, W)
     cam_mean: torch.Tensor  # float32 (B, K)
     peak: torch.Tensor  # int64 (B, K), flat index of the maximum of each map
+    raw_max: torch.Tensor  # float32 (B, K), the map's maximum after ReLU, before normalization
+    statistics: dict  # name -> float32 (B, K): statistics.map_statistics
 
     @staticmethod
-    def of(name: str, cams: torch.Tensor) -> "LayerMaps":
+    def of(name: str, raw: torch.Tensor, normalize: bool) -> "LayerMaps":
+        """From ReLU'd, not yet normalized maps (B, K, H, W)."""
+        cams = normalize_maps(raw) if normalize else raw
         flat = cams.flatten(2)
-        return LayerMaps(name, cams, flat.mean(dim=2), flat.argmax(dim=2))
+        return LayerMaps(name, cams, flat.mean(dim=2), flat.argmax(dim=2), raw.flatten(2).amax(dim=2),
+                         map_statistics(cams))
 
     def apply(self, function) -> "LayerMaps":
-        return LayerMaps(self.name, function(self.cams), function(self.cam_mean), function(self.peak))
+        return LayerMaps(self.name, function(self.cams), function(self.cam_mean), function(self.peak),
+                         function(self.raw_max), {key: function(value) for key, value in self.statistics.items()})
+
+    @staticmethod
+    def cat(parts: list["LayerMaps"]) -> "LayerMaps":
+        def joined(values):
+            return torch.cat(list(values))
+        return LayerMaps(parts[0].name, *(joined(getattr(part, field) for part in parts)
+                                          for field in ("cams", "cam_mean", "peak", "raw_max")),
+                         {key: joined(part.statistics[key] for part in parts) for key in parts[0].statistics})
 
 
 @dataclass
@@ -92,6 +110,7 @@ class CamResult:
     scores: torch.Tensor  # float32 (B, K), the logits of the target classes
     probs: torch.Tensor  # float32 (B, K), softmax probabilities of the target classes
     layers: list[LayerMaps]  # one per target layer, then the fused maps (cam.fuse)
+    predictions: torch.Tensor | None = None  # int64 (B,), the model's top-1 class
 
     def _only(self) -> LayerMaps:
         if len(self.layers) != 1:
@@ -112,11 +131,11 @@ class CamResult:
 
     @staticmethod
     def cat(parts: list["CamResult"]) -> "CamResult":
-        layers = [LayerMaps(maps[0].name, *(torch.cat([getattr(m, name) for m in maps])
-                                            for name in ("cams", "cam_mean", "peak")))
-                  for maps in zip(*(part.layers for part in parts))]
+        layers = [LayerMaps.cat(list(maps)) for maps in zip(*(part.layers for part in parts))]
+        predictions = (torch.cat([part.predictions for part in parts])
+                       if all(part.predictions is not None for part in parts) else None)
         return CamResult(*(torch.cat([getattr(p, name) for p in parts])
-                           for name in ("target_classes", "scores", "probs")), layers=layers)
+                           for name in ("target_classes", "scores", "probs")), layers=layers, predictions=predictions)
 
     def to_host(self) -> "CamResult":
         """The one host copy of a batch: non-blocking copies, one synchronisation."""
@@ -127,22 +146,22 @@ class CamResult:
             return tensor.to("cpu", non_blocking=True)
 
         host = CamResult(copy(self.target_classes), copy(self.scores), copy(self.probs),
-                         [maps.apply(copy) for maps in self.layers])
+                         [maps.apply(copy) for maps in self.layers],
+                         None if self.predictions is None else copy(self.predictions))
         torch.cuda.current_stream().synchronize()
         return host
 
 
-def fuse_maps(cams: list[torch.Tensor], mode: str, normalize: bool) -> torch.Tensor:
+def fuse_maps(cams: list[torch.Tensor], mode: str) -> torch.Tensor:
     """Several layers' (B, K, h, w) maps as one: each upsampled (bilinear) to the largest grid,
-    then their mean or maximum, normalized again when the maps are (pytorch-grad-cam's multi-layer
-    aggregation, at the largest layer's grid instead of the input's)."""
+    then their mean or maximum, not yet normalized (pytorch-grad-cam's multi-layer aggregation,
+    at the largest layer's grid instead of the input's)."""
     height, width = max((tuple(c.shape[-2:]) for c in cams), key=lambda size: size[0] * size[1])
     scaled = [c if tuple(c.shape[-2:]) == (height, width)
               else torch.nn.functional.interpolate(c, size=(height, width), mode="bilinear", align_corners=False)
               for c in cams]
     stacked = torch.stack(scaled).clamp_(min=0)
-    fused = stacked.mean(dim=0) if mode == "mean" else stacked.amax(dim=0)
-    return normalize_maps(fused) if normalize else fused
+    return stacked.mean(dim=0) if mode == "mean" else stacked.amax(dim=0)
 
 
 def select_targets(logits: torch.Tensor, labels: torch.Tensor, cfg: CamConfig,
@@ -253,11 +272,13 @@ class CamEngine:
         return grad
 
     def _cams(self, activation: torch.Tensor, gradients: torch.Tensor) -> torch.Tensor:
+        """The ReLU'd maps before normalization: the raw maximum is a statistic of its own, and
+        normalizing (B, K, h, w) maps afterwards costs a read of the maps, not of A and G."""
         if self.backend == "triton":
             from gradcam_batch.kernels import fused_cam
 
-            return fused_cam(activation, gradients, self.cfg.method, normalize=self.cfg.normalize)
-        return compute_cam(activation, gradients, self.cfg.method, normalize=self.cfg.normalize)
+            return fused_cam(activation, gradients, self.cfg.method, normalize=False)
+        return compute_cam(activation, gradients, self.cfg.method, normalize=False)
 
     def __call__(self, images: torch.Tensor, labels: torch.Tensor) -> CamResult:
         """images: normalized float (B, 3, H, W) on the device; labels int64 (B,) (-1 unknown)."""
@@ -276,14 +297,16 @@ class CamEngine:
             targets = select_targets(logits, labels, self.cfg, self._classes)
         gradients = self._gradients(logits, capture.outputs, targets)
         with torch.no_grad():
-            maps = [LayerMaps.of(layer.name, self._cams(layer.view(output.detach()), layer.view(grads)))
+            normalize = self.cfg.normalize
+            maps = [LayerMaps.of(layer.name, self._cams(layer.view(output.detach()), layer.view(grads)), normalize)
                     for layer, output, grads in zip(self.layers, capture.outputs, gradients)]
             if self.cfg.fuse is not None:
                 name = f"{self.cfg.fuse}({','.join(layer.name for layer in self.layers)})"
-                maps.append(LayerMaps.of(name, fuse_maps([m.cams for m in maps], self.cfg.fuse, self.cfg.normalize)))
+                maps.append(LayerMaps.of(name, fuse_maps([m.cams for m in maps], self.cfg.fuse), normalize))
             scores = logits.gather(1, targets)
             probs = torch.softmax(logits, dim=1).gather(1, targets)
-            return CamResult(target_classes=targets, scores=scores, probs=probs, layers=maps)
+            return CamResult(target_classes=targets, scores=scores, probs=probs, layers=maps,
+                             predictions=logits.argmax(dim=1))
 
     def explain(self, images: torch.Tensor, labels: torch.Tensor) -> CamResult:
         """`self(images, labels)`, halving the batch and retrying on CUDA out-of-memory, so a

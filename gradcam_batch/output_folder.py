@@ -27,11 +27,15 @@ log = logging.getLogger("gradcam_batch")
 # Config keys that change what the rows mean; runtime, batch size, workers and the output
 # location do not, so a resume may change them. Nor does data.unit_size: a resume keeps the
 # split its manifest recorded.
+REPORT_NAME = "report.html"  # where gradcam-batch-report writes by default
+
 _IDENTITY_KEYS = {
     "data": ("format", "root", "shards", "shard_size", "image_column", "label_column", "id_column",
-             "resize", "crop", "mean", "std", "interpolation", "max_pixels", "demo_images"),
+             "boxes_column", "resize", "crop", "mean", "std", "interpolation", "max_pixels", "demo_images"),
     "model": ("source", "name", "weights", "num_classes", "target_layer", "seed"),
     "cam": ("method", "targets", "topk", "classes", "normalize", "fuse"),
+    "output": ("cam_size", "heatmap_png"),
+    "metrics": ("threshold", "faithfulness", "fractions"),
 }
 
 
@@ -85,10 +89,12 @@ def counts_on_disk(output_dir: str | Path, unit_ids: list[str]) -> dict[str, dic
 
 def _ours(output_dir: Path) -> list[Path]:
     """Every file this tool writes in an output folder, and nothing else: part files, the
-    temporaries (under .tmp/, and where earlier versions kept them) and the manifest. Not the
+    temporaries (under .tmp/, and where earlier versions kept them), the manifest and the report
+    of the folder (gradcam-batch-report's default file, stale once the rows change). Not the
     lock file, which stays for the next run to lock (deleting a lock file lets two runs hold
     two different files of one name)."""
-    files = [*(output_dir / TMP_DIR).glob("*"), output_dir / f".{MANIFEST_NAME}.tmp", output_dir / MANIFEST_NAME]
+    files = [*(output_dir / TMP_DIR).glob("*"), output_dir / f".{MANIFEST_NAME}.tmp", output_dir / MANIFEST_NAME,
+             output_dir / REPORT_NAME]
     for folder in ("cams", "errors"):
         files += [*(output_dir / folder).glob("part-*.parquet"), *(output_dir / folder).glob(".part-*.parquet.tmp")]
     return [path for path in files if path.is_file() and not path.is_symlink()]
@@ -120,7 +126,7 @@ def foreign_entry(output_dir: str | Path) -> str | None:
     if not output_dir.is_dir():
         return None
     # demo-data/ is where the bare demo generates its shards when data.root is unset
-    known = {"cams", "errors", TMP_DIR, LOCK_NAME, MANIFEST_NAME, f".{MANIFEST_NAME}.tmp", "demo-data"}
+    known = {"cams", "errors", TMP_DIR, LOCK_NAME, MANIFEST_NAME, f".{MANIFEST_NAME}.tmp", "demo-data", REPORT_NAME}
     ours = set(_ours(output_dir))
     for entry in sorted(output_dir.iterdir()):
         if entry.name not in known or (entry.name in ("cams", "errors") and not entry.is_dir()):

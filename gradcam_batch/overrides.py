@@ -1,7 +1,7 @@
 """Command-line overrides checked before Hydra composes them, so a typo is one line naming the
 key and its closest match (exit code 2), not a Hydra error report.
 
-Only what this project defines is checked: its five groups, their options and their keys.
+Only what this project defines is checked: its groups, their options and their keys.
 Hydra's own settings (`hydra.*`, `hydra/launcher=...`) and flags go through untouched.
 """
 

@@ -27,7 +27,8 @@ from gradcam_batch.data.loader import build_loader
 from gradcam_batch.data.prefetch import DecodeBalance, DevicePrefetcher, Preprocess
 from gradcam_batch.data.shards import Shard, check_output_apart, list_shards
 from gradcam_batch.data.units import Unit, list_units, listing_change, listing_record
-from gradcam_batch.engine import CamEngine, CamResult
+from gradcam_batch.audit import RowExtras, row_extras
+from gradcam_batch.engine import CamEngine
 from gradcam_batch.models import load_model, resolve_target_layers
 from gradcam_batch.timing import RunClock
 from gradcam_batch.output_folder import (OutputLock, check_parts, clean_temporaries, clear_output, config_hash,
@@ -51,6 +52,8 @@ class Summary:
     target_layer: str
     pointing_hits: int
     pointing_total: int
+    box_energy_sum: float = 0.0  # over the pointing game's maps
+    box_iou_sum: float = 0.0
     seconds_to_first_batch: float | None = None  # process start to the first finished batch (slowest rank)
     seconds_to_first_batch_after_imports: float | None = None  # the same from the pipeline's start
     steady_images_per_second: float | None = None  # after the warm-up batches, all ranks together
@@ -83,10 +86,7 @@ class Summary:
                      f"stored      {self.stored_rows} rows, {self.stored_errors} errors in {self.stored_units} units",
                      f"layer       {self.target_layer}",
                      f"output      {Path(self.output_dir).resolve() / 'cams'}"]
-            if self.pointing_game is not None:
-                lines.append(f"pointing    {self.pointing_game:.3f} ({self.pointing_hits}/{self.pointing_total} "
-                             "maps peak inside the object box, stored)")
-            return lines
+            return lines + self._localization_lines(", stored")
         lines = [
             f"images      {self.images}",
             f"rows        {self.rows}",
@@ -97,10 +97,15 @@ class Summary:
             f"layer       {self.target_layer}",
             f"output      {Path(self.output_dir).resolve() / 'cams'}",
         ]
-        if self.pointing_game is not None:
-            lines.append(f"pointing    {self.pointing_game:.3f} ({self.pointing_hits}/{self.pointing_total} "
-                         "maps peak inside the object box)")
-        return lines
+        return lines + self._localization_lines("")
+
+    def _localization_lines(self, stored: str) -> list[str]:
+        if self.pointing_game is None:
+            return []
+        return [f"pointing    {self.pointing_game:.3f} ({self.pointing_hits}/{self.pointing_total} "
+                f"maps peak inside an object box{stored})",
+                f"box energy  {self.box_energy_sum / self.pointing_total:.3f} of the map inside the boxes, "
+                f"IoU {self.box_iou_sum / self.pointing_total:.3f} (means over those maps)"]
 
 
 def _combined_clocks(ranks: list[dict]) -> dict:
@@ -131,21 +136,16 @@ def resolve_amp(requested: str, device: torch.device) -> torch.dtype | None:
     return torch.float16 if requested == "fp16" else torch.bfloat16
 
 
-def pointing_hits(result: CamResult, boxes: np.ndarray) -> tuple[int, int]:
-    """Rank-0 maps whose peak cell (its centre, with half a cell of slack) lies in the box."""
-    known = ~np.isnan(boxes).any(axis=1)
+def localization_sums(extras: RowExtras) -> tuple[int, int, float, float]:
+    """Over the rank-0 maps of the samples with boxes: pointing-game hits, maps, and the sums of
+    box energy and box IoU (host arrays of one layer's extras)."""
+    if extras.box_known is None:
+        return 0, 0, 0.0, 0.0
+    known = extras.box_known.numpy()
     if not known.any():
-        return 0, 0
-    maps = result.layers[-1]  # the fused maps where there are, else the last layer's
-    height, width = maps.cams.shape[2:]
-    peak = maps.peak[:, 0].numpy()[known]
-    x = ((peak % width) + 0.5) / width
-    y = ((peak // width) + 0.5) / height
-    box = boxes[known]
-    slack_x, slack_y = 0.5 / width, 0.5 / height
-    hit = ((x >= box[:, 0] - slack_x) & (x <= box[:, 2] + slack_x)
-           & (y >= box[:, 1] - slack_y) & (y <= box[:, 3] + slack_y))
-    return int(hit.sum()), int(known.sum())
+        return 0, 0, 0.0, 0.0
+    return (int(extras.pointing_hit[:, 0].numpy()[known].sum()), int(known.sum()),
+            float(extras.box_energy[:, 0].numpy()[known].sum()), float(extras.box_iou[:, 0].numpy()[known].sum()))
 
 
 def _metadata(cfg: Config, resolved: dict, layer: str) -> dict:
@@ -386,20 +386,24 @@ def run(cfg: Config, resolved: dict | None = None) -> Summary:
             images_per_second=0.0, output_dir=str(output_dir), target_layer=layer_name,
             pointing_hits=sum(r["pointing_hits"] for r in ranks),
             pointing_total=sum(r["pointing_total"] for r in ranks),
+            box_energy_sum=sum(r["box_energy_sum"] for r in ranks), box_iou_sum=sum(r["box_iou_sum"] for r in ranks),
             **_combined_clocks(ranks))
         summary.images_per_second = summary.images / summary.seconds if summary.seconds else 0.0
         if dist.is_main():
             counts = counts_on_disk(output_dir, all_ids)
             missing = [unit_id for unit_id in all_ids if unit_id not in counts]
             # the pointing game over every unit of the folder: earlier runs' maps plus this run's
-            stored_pointing = (manifest or {}).get("pointing") or {"hits": 0, "total": 0}
+            stored_pointing = (manifest or {}).get("pointing") or {}
             pointing = {"hits": stored_pointing.get("hits", 0) + summary.pointing_hits,
-                        "total": stored_pointing.get("total", 0) + summary.pointing_total}
+                        "total": stored_pointing.get("total", 0) + summary.pointing_total,
+                        "energy_sum": stored_pointing.get("energy_sum", 0.0) + summary.box_energy_sum,
+                        "iou_sum": stored_pointing.get("iou_sum", 0.0) + summary.box_iou_sum}
             summary.stored_rows = sum(c["rows"] for c in counts.values())
             summary.stored_errors = sum(c["errors"] for c in counts.values())
             summary.stored_units = len(counts)
             if summary.shards_written == 0:
                 summary.pointing_hits, summary.pointing_total = pointing["hits"], pointing["total"]
+                summary.box_energy_sum, summary.box_iou_sum = pointing["energy_sum"], pointing["iou_sum"]
             write_manifest(output_dir, _manifest(
                 cfg, resolved, layer_name, unit_size, listing, "complete" if not missing else "incomplete",
                 shards=_shard_counts(units, counts), units=counts, rows=summary.stored_rows,
@@ -457,6 +461,7 @@ def _process(cfg: Config, resolved: dict, device, channels_last, engine: CamEngi
     loader = build_loader(todo, cfg.data, pin_memory=device.type == "cuda", device_decode=decoder is not None,
                           balance=balance)
     images = rows = errors = hits = pointed = 0
+    energy = overlap = 0.0
     unit_counts: dict[str, list] = {}  # unit id -> [images, errors, first error] while it is read
     # The prefetcher comes last, so it is the first to stop when the loop ends or fails.
     with ParquetShardWriter(cfg.output.dir, _metadata(cfg, resolved, layer_name),
@@ -469,9 +474,13 @@ def _process(cfg: Config, resolved: dict, device, channels_last, engine: CamEngi
             count = len(batch.sample_ids)
             errors += len(batch.errors)
             if count:
-                result = engine.explain(ready.images, ready.labels).to_host()
-                h, p = pointing_hits(result, batch.boxes.numpy())
-                hits, pointed = hits + h, pointed + p
+                result = engine.explain(ready.images, ready.labels)
+                extras = [extra.to_host() for extra in row_extras(cfg, result, ready.images, batch.boxes,
+                                                                   engine.model, engine._autocast)]
+                result = result.to_host()  # one synchronisation for the maps and their extras
+                found = localization_sums(extras[-1])  # the fused maps where there are, else the last layer's
+                hits, pointed = hits + found[0], pointed + found[1]
+                energy, overlap = energy + found[2], overlap + found[3]
                 rows += result.target_classes.numel() * len(result.layers)
                 images += count
                 out = ShardOutput(batch.shard_id, batch.sample_ids, batch.labels.numpy(),
@@ -480,7 +489,12 @@ def _process(cfg: Config, resolved: dict, device, channels_last, engine: CamEngi
                                   [maps.cam_mean.numpy() for maps in result.layers],
                                   [maps.peak.numpy() for maps in result.layers],
                                   batch.errors, batch.last, unit_id=batch.unit_id,
-                                  layers=[maps.name for maps in result.layers])
+                                  layers=[maps.name for maps in result.layers],
+                                  predictions=result.predictions.numpy(),
+                                  layer_columns=[{"cam_max_raw": maps.raw_max.numpy(),
+                                                  **{key: value.numpy() for key, value in maps.statistics.items()},
+                                                  **extra.numpy()}
+                                                 for maps, extra in zip(result.layers, extras)])
             else:
                 empty = np.empty((0, 1))
                 out = ShardOutput(batch.shard_id, [], np.empty(0, np.int64), empty, empty, empty,
@@ -495,4 +509,5 @@ def _process(cfg: Config, resolved: dict, device, channels_last, engine: CamEngi
     if balance is not None:
         input_side["balance"] = balance.summary()
     return {"images": images, "rows": rows, "errors": errors, "shards_written": len(todo),
-            "pointing_hits": hits, "pointing_total": pointed, "input": input_side}
+            "pointing_hits": hits, "pointing_total": pointed, "box_energy_sum": energy, "box_iou_sum": overlap,
+            "input": input_side}

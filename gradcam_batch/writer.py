@@ -90,7 +90,27 @@ CAM_SCHEMA = pa.schema([
     ("peak_y", pa.int32()),
     ("peak_x", pa.int32()),
     ("layer", pa.string()),
+    ("pred_class", pa.int64()),
+    ("cam_max_raw", pa.float32()),
+    ("com_y", pa.float32()),
+    ("com_x", pa.float32()),
+    ("entropy", pa.float32()),
+    ("center_mass", pa.float32()),
+    ("border_mass", pa.float32()),
+    ("pointing_hit", pa.bool_()),
+    ("box_energy", pa.float32()),
+    ("box_iou", pa.float32()),
+    ("cam_resized", pa.list_(pa.float16())),
+    ("cam_resized_height", pa.int32()),
+    ("cam_resized_width", pa.int32()),
+    ("heatmap_png", pa.binary()),
+    ("insertion", pa.list_(pa.float32())),
+    ("deletion", pa.list_(pa.float32())),
+    ("confidence_change", pa.float32()),
 ])
+# Columns a row may leave null: what was not asked for (cam_resized, heatmap_png, faithfulness),
+# what the sample has no data for (box metrics without boxes), or what the producer did not give.
+STATISTIC_COLUMNS = ("cam_max_raw", "com_y", "com_x", "entropy", "center_mass", "border_mass")
 
 ERROR_SCHEMA = pa.schema([
     ("sample_id", pa.string()),
@@ -132,6 +152,10 @@ class ShardOutput:
     last: bool = False  # the unit's final batch: its part file is complete after it
     unit_id: str = ""  # the part file's unit; "" means the whole shard
     layers: list[str] = field(default_factory=lambda: [""])  # the `layer` column, one name per entry
+    predictions: np.ndarray | None = None  # (N,) the model's top-1 class
+    # per layer: column name -> array, (N, K) for statistics and box metrics (box_known (N,)),
+    # cam_resized (N, K, h, w) float16, heatmaps (N, K, S, S, 3) uint8, insertion/deletion (N, K, F)
+    layer_columns: list[dict] = field(default_factory=list)
 
     @property
     def unit(self) -> str:
@@ -144,13 +168,66 @@ def _per_layer(value) -> list:
 
 def cam_table(out: ShardOutput) -> pa.Table:
     """The batch's rows: for each layer, one row per (image, target), image-major."""
-    per_layer = list(zip(out.layers, _per_layer(out.cams), _per_layer(out.cam_mean), _per_layer(out.peak)))
+    columns = out.layer_columns or [{}] * len(out.layers)
+    per_layer = list(zip(out.layers, _per_layer(out.cams), _per_layer(out.cam_mean), _per_layer(out.peak), columns))
     tables = [_layer_table(out, *entry) for entry in per_layer]
     return tables[0] if len(tables) == 1 else pa.concat_tables(tables)
 
 
+def _list_column(values: np.ndarray | None, rows: int, value_type: pa.DataType) -> pa.Array:
+    """(rows, ...) values flattened per row into a list column; all null when absent."""
+    if values is None:
+        return pa.nulls(rows, pa.list_(value_type))
+    per_row = int(np.prod(values.shape[2:])) if values.ndim > 2 else 1
+    offsets = np.arange(rows + 1, dtype=np.int32) * per_row
+    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(values.reshape(-1), value_type))
+
+
+def _png(pixels: np.ndarray) -> bytes:
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG", compress_level=3)
+    return buffer.getvalue()
+
+
+def _extra_columns(out: ShardOutput, extras: dict, rows: int, num_targets: int) -> list[pa.Array]:
+    def per_row(name: str, dtype, arrow_type) -> pa.Array:
+        values = extras.get(name)
+        if values is None:
+            return pa.nulls(rows, arrow_type)
+        flat = values.reshape(-1).astype(dtype, copy=False)
+        known = extras.get("box_known")
+        if name in ("pointing_hit", "box_energy", "box_iou") and known is not None:
+            return pa.array(flat, arrow_type, mask=~np.repeat(known, num_targets))
+        return pa.array(flat, arrow_type)
+
+    predictions = (pa.array(np.repeat(out.predictions, num_targets).astype(np.int64)) if out.predictions is not None
+                   else pa.nulls(rows, pa.int64()))
+    resized = extras.get("cam_resized")
+    heatmaps = extras.get("heatmaps")
+    size = resized.shape[2:] if resized is not None else None
+    return [
+        predictions,
+        *(per_row(name, np.float32, pa.float32()) for name in STATISTIC_COLUMNS),
+        per_row("pointing_hit", np.bool_, pa.bool_()),
+        per_row("box_energy", np.float32, pa.float32()),
+        per_row("box_iou", np.float32, pa.float32()),
+        _list_column(resized, rows, pa.float16()),
+        pa.array(np.full(rows, size[0], np.int32)) if size else pa.nulls(rows, pa.int32()),
+        pa.array(np.full(rows, size[1], np.int32)) if size else pa.nulls(rows, pa.int32()),
+        (pa.array([_png(image) for image in heatmaps.reshape(-1, *heatmaps.shape[2:])], pa.binary())
+         if heatmaps is not None else pa.nulls(rows, pa.binary())),
+        _list_column(extras.get("insertion"), rows, pa.float32()),
+        _list_column(extras.get("deletion"), rows, pa.float32()),
+        per_row("confidence_change", np.float32, pa.float32()),
+    ]
+
+
 def _layer_table(out: ShardOutput, layer: str, layer_cams: np.ndarray, cam_mean: np.ndarray,
-                 peak: np.ndarray) -> pa.Table:
+                 peak: np.ndarray, extras: dict) -> pa.Table:
     num_images, num_targets = out.target_classes.shape
     height, width = layer_cams.shape[2:]
     rows = num_images * num_targets
@@ -173,6 +250,7 @@ def _layer_table(out: ShardOutput, layer: str, layer_cams: np.ndarray, cam_mean:
         pa.array((peak // width).astype(np.int32)),
         pa.array((peak % width).astype(np.int32)),
         pa.array([layer] * rows, pa.string()),
+        *_extra_columns(out, extras, rows, num_targets),
     ], schema=CAM_SCHEMA)
 
 

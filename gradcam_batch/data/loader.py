@@ -14,7 +14,7 @@ from gradcam_batch.config import DataConfig
 from gradcam_batch.data.readers import iter_samples
 from gradcam_batch.data.shards import Shard
 from gradcam_batch.data.units import Unit, as_unit
-from gradcam_batch.data.transforms import box_from_meta, decode_resize_crop, device_jpeg_size, map_box
+from gradcam_batch.data.transforms import boxes_from_meta, decode_resize_crop, device_jpeg_size, map_box
 
 
 @dataclass
@@ -24,7 +24,7 @@ class Batch:
     shard_id: str
     images: torch.Tensor  # uint8 (N_decoded, 3, crop, crop)
     labels: torch.Tensor  # int64 (N,), -1 unknown
-    boxes: torch.Tensor  # float32 (N, 4) in [0, 1] of the crop, NaN where unknown
+    boxes: torch.Tensor  # float32 (N, M, 4) in [0, 1] of the crop, M the most boxes of a sample, NaN rows: none
     sample_ids: list[str]
     errors: list[tuple[str, str, str, str]] = field(default_factory=list)  # (sample_id, stage, type, message)
     last: bool = False  # the unit's final batch
@@ -42,7 +42,7 @@ class _Pending:
 
     def __init__(self):
         self.images, self.payloads = [], []
-        self.decoded_rows, self.payload_rows = [], []  # (sample_id, label, box) each
+        self.decoded_rows, self.payload_rows = [], []  # (sample_id, label, boxes) each
         self.errors = []
 
     def __len__(self) -> int:
@@ -56,7 +56,7 @@ class _Pending:
             worker=worker,
             images=torch.stack(self.images) if self.images else torch.empty(0, 3, crop, crop, dtype=torch.uint8),
             labels=torch.tensor([label for _, label, _ in rows], dtype=torch.int64),
-            boxes=torch.tensor([box for _, _, box in rows], dtype=torch.float32).reshape(-1, 4),
+            boxes=_box_tensor([boxes for _, _, boxes in rows]),
             sample_ids=[sample_id for sample_id, _, _ in rows],
             errors=self.errors,
             last=last,
@@ -81,18 +81,18 @@ class ShardBatches(IterableDataset):
 
     def _add(self, pending: _Pending, sample) -> None:
         cfg = self.cfg
-        box = box_from_meta(sample.meta)
+        box = boxes_from_meta(sample.meta)  # a list of boxes, or None
         to_device = self.device_decode and (self.balance is None or self.balance.take_device(self._samples_seen))
         self._samples_seen += 1
         size = device_jpeg_size(sample.payload, cfg.max_pixels) if to_device else None
         if size is not None:
             pending.payloads.append(sample.payload)
-            pending.payload_rows.append((sample.sample_id, sample.label, _or_nan(map_box(box, *size, cfg.resize, cfg.crop))))
+            pending.payload_rows.append((sample.sample_id, sample.label, map_box(box, *size, cfg.resize, cfg.crop)))
             return
         image, box = decode_resize_crop(sample.payload, cfg.resize, cfg.crop, cfg.max_pixels, box,
                                         interpolation=cfg.interpolation)
         pending.images.append(image)
-        pending.decoded_rows.append((sample.sample_id, sample.label, _or_nan(box)))
+        pending.decoded_rows.append((sample.sample_id, sample.label, box))
 
     def _unit_batches(self, unit: Unit, worker: int) -> Iterator[Batch]:
         cfg = self.cfg
@@ -122,8 +122,14 @@ class ShardBatches(IterableDataset):
             yield from self._unit_batches(unit, -1 if info is None else info.id)
 
 
-def _or_nan(box):
-    return box if box is not None else [float("nan")] * 4
+def _box_tensor(per_sample: list) -> torch.Tensor:
+    """(N, M, 4) float32 of each sample's boxes (a list, or None), padded with NaN rows."""
+    most = max([len(boxes) for boxes in per_sample if boxes] + [1])
+    out = torch.full((len(per_sample), most, 4), float("nan"))
+    for index, boxes in enumerate(per_sample):
+        if boxes:
+            out[index, :len(boxes)] = torch.tensor(boxes, dtype=torch.float32)
+    return out
 
 
 def build_loader(units: list[Unit | Shard], cfg: DataConfig, pin_memory: bool,

@@ -174,8 +174,9 @@ def _parquet(unit: Unit, cfg: DataConfig) -> Iterator[RawSample]:
             source, image_problem = _image_source(schema, cfg.image_column)
             label_column = _single_column(schema, cfg.label_column)
             id_column = _single_column(schema, cfg.id_column)
+            boxes_column = _single_column(schema, getattr(cfg, "boxes_column", None))
             image_column = cfg.image_column if source in ("binary", "struct") else None
-            columns = [column for column in (image_column, label_column, id_column) if column]
+            columns = [column for column in (image_column, label_column, id_column, boxes_column) if column]
             row = unit.start  # default ids number rows from the file's start, whichever slice reads them
             for batch in file.iter_batches(batch_size=256, columns=columns, row_groups=unit.row_groups):
                 count = batch.num_rows
@@ -183,6 +184,7 @@ def _parquet(unit: Unit, cfg: DataConfig) -> Iterator[RawSample]:
                 sizes = pc.binary_length(cells).to_pylist() if cells is not None else [None] * count
                 labels = _parquet_labels(batch.column(label_column)) if label_column else [(-1, None)] * count
                 ids = batch.column(id_column).to_pylist() if id_column else [None] * count
+                boxes = batch.column(boxes_column).to_pylist() if boxes_column else [None] * count
                 for index in range(count):
                     sample_id = _parquet_id(ids[index]) if ids[index] is not None else f"{stem}/{row}"
                     row += 1
@@ -198,7 +200,9 @@ def _parquet(unit: Unit, cfg: DataConfig) -> Iterator[RawSample]:
                         error = ("TooLarge", f"the image cell holds {size} bytes, more than "
                                              f"data.max_bytes={cfg.max_bytes}")
                     else:
-                        yield RawSample(sample_id, label, cells[index].as_py())  # one cell at a time, not the batch
+                        meta = {"boxes": boxes[index]} if boxes[index] is not None else None
+                        # one cell at a time, not the batch
+                        yield RawSample(sample_id, label, cells[index].as_py(), meta=meta)
                         continue
                     yield RawSample(sample_id, label, None, error=("read", *error))
     except (OSError, ValueError, pa.ArrowException) as error:  # pyarrow: ArrowInvalid is a ValueError

@@ -230,6 +230,7 @@ def _imagefolder_shards(cfg: DataConfig) -> list[Shard]:
     ]
 
 
+DEFAULT_BOXES_COLUMN = "boxes"  # like the label column, the default may be absent
 DEFAULT_LABEL_COLUMN = "label"
 
 
@@ -257,6 +258,9 @@ def _check_parquet_columns(paths: list[str], cfg: DataConfig) -> None:
                         f"(columns: {', '.join(names)})")
     if cfg.id_column and cfg.id_column not in names:
         raise UserError(f"data.id_column={cfg.id_column!r} is not a column of {path} (columns: {', '.join(names)})")
+    if cfg.boxes_column and cfg.boxes_column != DEFAULT_BOXES_COLUMN and cfg.boxes_column not in names:
+        raise UserError(f"data.boxes_column={cfg.boxes_column!r} is not a column of {path} "
+                        f"(columns: {', '.join(names)}; data.boxes_column=null reads no boxes)")
 
 
 def list_shards(cfg: DataConfig) -> list[Shard]:

@@ -233,10 +233,22 @@ def resized_size(height: int, width: int, resize: int) -> tuple[int, int]:
     return int(resize * height / width), resize
 
 
-def map_box(box: Optional[list], height: int, width: int, resize: int, crop: int) -> Optional[list]:
-    """A box in original pixels, after resize_crop: normalized to [0, 1] of the crop."""
+def _for_each_box(box, one):
+    """`one` applied to a box [x0, y0, x1, y1], or to each box of a list of boxes."""
     if box is None:
         return None
+    if len(box) and isinstance(box[0], (list, tuple)):
+        return [one(each) for each in box]
+    return one(box)
+
+
+def map_box(box: Optional[list], height: int, width: int, resize: int, crop: int) -> Optional[list]:
+    """A box in original pixels (or a list of boxes), after resize_crop: normalized to [0, 1]
+    of the crop."""
+    return _for_each_box(box, lambda one: _map_one_box(one, height, width, resize, crop))
+
+
+def _map_one_box(box: list, height: int, width: int, resize: int, crop: int) -> list:
     new_height, new_width = resized_size(height, width, resize)
     scale_x, scale_y = new_width / width, new_height / height
     # center_crop's offsets, as torchvision computes them
@@ -435,10 +447,12 @@ def _crop_region(height: int, width: int, decoded_height: int, decoded_width: in
 
 
 def _box_in_region(box: Optional[list], scale: int, region: tuple[int, int, int, int]) -> Optional[list]:
-    """A box in original pixels, normalized to [0, 1] of the region that was resized to the crop;
-    original pixel x lies at x / scale in the DCT-scaled image."""
-    if box is None:
-        return None
+    """A box in original pixels (or a list of boxes), normalized to [0, 1] of the region that was
+    resized to the crop; original pixel x lies at x / scale in the DCT-scaled image."""
+    return _for_each_box(box, lambda one: _one_box_in_region(one, scale, region))
+
+
+def _one_box_in_region(box: list, scale: int, region: tuple[int, int, int, int]) -> list:
     top, left, bottom, right = region
     x0, y0, x1, y1 = (float(v) for v in box)
     mapped = [(x0 / scale - left) / (right - left), (y0 / scale - top) / (bottom - top),
@@ -446,8 +460,31 @@ def _box_in_region(box: Optional[list], scale: int, region: tuple[int, int, int,
     return [min(max(v, 0.0), 1.0) for v in mapped]
 
 
+MAX_BOXES = 64  # per sample: more boxes than this in a record's metadata are not read
+
+
+def _valid_box(box) -> bool:
+    return (isinstance(box, (list, tuple)) and len(box) == 4
+            and all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in box)
+            and box[2] > box[0] and box[3] > box[1])
+
+
 def box_from_meta(meta: Optional[dict]) -> Optional[list]:
-    box = (meta or {}).get("box")
-    if isinstance(box, (list, tuple)) and len(box) == 4 and all(isinstance(v, (int, float)) and math.isfinite(v) for v in box):
-        return list(box)
-    return None
+    """The first valid object box of a record's metadata ({"box": [...]} or {"boxes": [[...], ...]},
+    pixels x0, y0, x1, y1 of the original image), or None."""
+    boxes = boxes_from_meta(meta)
+    return boxes[0] if boxes else None
+
+
+def boxes_from_meta(meta: Optional[dict]) -> Optional[list]:
+    """Every valid box (up to MAX_BOXES) of a record's metadata, or None. Metadata is data: boxes
+    that are not four finite numbers with x1 > x0 and y1 > y0 are skipped, never an error."""
+    if not isinstance(meta, dict):
+        return None
+    found = meta.get("boxes")
+    if _valid_box(found):  # one box given as `boxes`
+        found = [found]
+    if not isinstance(found, (list, tuple)):
+        found = [meta.get("box")]
+    boxes = [list(map(float, box)) for box in list(found)[:MAX_BOXES] if _valid_box(box)]
+    return boxes or None

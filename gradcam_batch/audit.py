@@ -1,0 +1,99 @@
+"""What a row carries beyond its map, computed on the device in the map's batch: localization
+metrics against the sample's boxes, the map at another size (output.cam_size), the heatmap
+blended over the crop (output.heatmap_png; PNG-encoded later in the writer thread) and the
+faithfulness scores (metrics.faithfulness). One `RowExtras` per layer's maps, copied to the host
+with the batch's results.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+import torch
+
+from gradcam_batch.config import Config
+from gradcam_batch.engine import CamResult
+from gradcam_batch.statistics import box_metrics, upsample
+
+# Rows of this many images at once through the crop-sized box masks: (chunk, K, S, S) floats
+BOX_CHUNK = 64
+
+
+@dataclass
+class RowExtras:
+    box_known: torch.Tensor | None = None  # bool (B,): the sample has boxes
+    pointing_hit: torch.Tensor | None = None  # bool (B, K)
+    box_energy: torch.Tensor | None = None  # float32 (B, K)
+    box_iou: torch.Tensor | None = None  # float32 (B, K)
+    cam_resized: torch.Tensor | None = None  # float16 (B, K, h, w)
+    heatmaps: torch.Tensor | None = None  # uint8 (B, K, S, S, 3), PNG-encoded by the writer
+    insertion: torch.Tensor | None = None  # float32 (B, K, F)
+    deletion: torch.Tensor | None = None  # float32 (B, K, F)
+    confidence_change: torch.Tensor | None = None  # float32 (B, K)
+
+    def to_host(self) -> "RowExtras":
+        """Non-blocking copies; the caller synchronises once for the whole batch."""
+        return RowExtras(**{f.name: None if getattr(self, f.name) is None
+                            else getattr(self, f.name).to("cpu", non_blocking=True) for f in fields(self)})
+
+    def numpy(self) -> dict:
+        return {f.name: getattr(self, f.name).numpy() for f in fields(self) if getattr(self, f.name) is not None}
+
+
+def jet(values: torch.Tensor) -> torch.Tensor:
+    """The jet colormap (blue, cyan, yellow, red) of values in [0, 1]: (..., 3) float in [0, 1]."""
+    v = values.clamp(0, 1)[..., None] * 4.0
+    offsets = torch.tensor([3.0, 2.0, 1.0], device=values.device)  # red, green, blue peaks
+    return (1.5 - (v - offsets).abs()).clamp(0, 1)
+
+
+def blend(images: torch.Tensor, cams: torch.Tensor, mean, std, weight: float = 0.5) -> torch.Tensor:
+    """uint8 (B, K, S, S, 3): each map upsampled to the crop, coloured (jet) and blended half and
+    half over the crop (pytorch-grad-cam's show_cam_on_image with image_weight=0.5)."""
+    size = images.shape[-2:]
+    mean = torch.tensor(mean, device=images.device).view(1, 3, 1, 1)
+    std = torch.tensor(std, device=images.device).view(1, 3, 1, 1)
+    pixels = (images.float() * std + mean).clamp(0, 1).permute(0, 2, 3, 1)[:, None]  # (B, 1, S, S, 3)
+    colours = jet(upsample(cams, tuple(size)))  # (B, K, S, S, 3)
+    return ((weight * pixels + (1 - weight) * colours) * 255).round().to(torch.uint8)
+
+
+def resized_size(cam_size, crop: int, grid: tuple[int, int]) -> tuple[int, int] | None:
+    if cam_size == "layer":
+        return None
+    if cam_size == "input":
+        return (crop, crop)
+    return (int(cam_size[0]), int(cam_size[1]))
+
+
+def row_extras(cfg: Config, result: CamResult, images: torch.Tensor, boxes: torch.Tensor, model,
+               autocast) -> list[RowExtras]:
+    """The extras of every layer's maps of a batch (result on the device; images the normalized
+    batch; boxes (B, M, 4) on the host, NaN rows: none)."""
+    crop = images.shape[-1]
+    has_boxes = bool((~torch.isnan(boxes)).all(dim=-1).any())
+    boxes = boxes.to(images.device, non_blocking=True) if has_boxes else None
+    extras = []
+    for maps in result.layers:
+        extra = RowExtras()
+        if boxes is not None:
+            parts = [box_metrics(maps.cams[start:start + BOX_CHUNK], maps.peak[start:start + BOX_CHUNK],
+                                 boxes[start:start + BOX_CHUNK], crop, cfg.metrics.threshold)
+                     for start in range(0, maps.cams.shape[0], BOX_CHUNK)]
+            joined = {key: torch.cat([part[key] for part in parts]) for key in parts[0]}
+            extra.box_known, extra.pointing_hit = joined["known"], joined["pointing_hit"]
+            extra.box_energy, extra.box_iou = joined["box_energy"], joined["box_iou"]
+        size = resized_size(cfg.output.cam_size, crop, tuple(maps.cams.shape[-2:]))
+        if size is not None:
+            extra.cam_resized = upsample(maps.cams, size).to(torch.float16)
+        if cfg.output.heatmap_png:
+            extra.heatmaps = blend(images, maps.cams, cfg.data.mean, cfg.data.std)
+        if cfg.metrics.faithfulness:
+            from gradcam_batch.faithfulness import faithfulness
+
+            scores = faithfulness(model, images, maps.cams, result.target_classes, cfg.metrics.fractions,
+                                  autocast=autocast, base_confidence=result.probs)
+            extra.insertion, extra.deletion = scores.insertion, scores.deletion
+            extra.confidence_change = scores.confidence_change
+        extras.append(extra)
+    return extras
