@@ -5,7 +5,7 @@
 #   summary.txt     card, versions, the GPU tests' tail and every table's headline
 #   cam_table.json  the kernel tile table measured by the sweep (copy it to kernels/ to commit it)
 #   kernel.md       bench_kernel.py: all six methods, four shapes, two layouts, K 1 and 5
-#   pipeline.md     bench_pipeline.py: decode modes, 1 vs 20 shards, ResNet-50/152, peers, stages
+#   pipeline.md     bench_pipeline.py: decode modes, 1 vs 20 shards, ResNet-50/152, ViT-B/16, peers, stages
 #   logs.tar.gz     every log
 # Stages (default: all, in this order): kernel, pipeline, tests. With the device tool, after running
 # benchmarks/fetch_device_wheels.sh here:
