@@ -97,3 +97,15 @@ def row_extras(cfg: Config, result: CamResult, images: torch.Tensor, boxes: torc
             extra.confidence_change = scores.confidence_change
         extras.append(extra)
     return extras
+
+
+def localization_sums(extras: RowExtras) -> tuple[int, int, float, float]:
+    """Over the rank-0 maps of the samples with boxes: pointing-game hits, maps, and the sums of
+    box energy and box IoU (host arrays of one layer's extras)."""
+    if extras.box_known is None:
+        return 0, 0, 0.0, 0.0
+    known = extras.box_known.numpy()
+    if not known.any():
+        return 0, 0, 0.0, 0.0
+    return (int(extras.pointing_hit[:, 0].numpy()[known].sum()), int(known.sum()),
+            float(extras.box_energy[:, 0].numpy()[known].sum()), float(extras.box_iou[:, 0].numpy()[known].sum()))
