@@ -4,7 +4,8 @@ maps, one value per (image, target) map.
 Map coordinates: a map of h x w cells covers the crop fed to the model, cell (i, j) centred at
 ((i + 0.5) / h, (j + 0.5) / w) in [0, 1] of the crop, the frame the boxes are mapped into.
 
-- centre of mass (com_y, com_x): the map's mass-weighted mean cell centre; NaN for an all-zero map.
+- centre of mass (com_y, com_x): the map's mass-weighted mean cell centre; NaN for an all-zero map
+  (every statistic is; the writer stores NaN as null).
 - entropy: Shannon entropy of the map as a distribution over its cells, divided by log(h * w):
   0 when one cell holds all the mass, 1 when it is spread evenly; NaN for an all-zero map or a
   single cell.

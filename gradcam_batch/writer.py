@@ -202,6 +202,10 @@ def _extra_columns(out: ShardOutput, extras: dict, rows: int, num_targets: int) 
         known = extras.get("box_known")
         if name in ("pointing_hit", "box_energy", "box_iou") and known is not None:
             return pa.array(flat, arrow_type, mask=~np.repeat(known, num_targets))
+        if flat.dtype.kind == "f":
+            # undefined (an all-zero map's centre of mass or entropy) is null, never NaN: readers
+            # skip nulls, while NaN poisons averages (and DuckDB's Parquet statistics ignore it)
+            return pa.array(flat, arrow_type, mask=np.isnan(flat))
         return pa.array(flat, arrow_type)
 
     predictions = (pa.array(np.repeat(out.predictions, num_targets).astype(np.int64)) if out.predictions is not None

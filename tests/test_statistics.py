@@ -156,7 +156,10 @@ def test_rows_carry_statistics_and_box_metrics(tmp_path):
         cam = np.asarray(row["cam"], np.float32).reshape(row["cam_height"], row["cam_width"])
         want = reference_statistics(cam)
         for key, value in want.items():
-            np.testing.assert_allclose(row[key], value, atol=1e-5, equal_nan=True, err_msg=key)
+            if math.isnan(value):  # undefined: stored as null, never NaN
+                assert row[key] is None, key
+            else:
+                np.testing.assert_allclose(row[key], value, atol=1e-5, err_msg=key)
         assert row["cam_max_raw"] > 0 and row["pred_class"] == rows[(sample_id, 0)]["target_class"]
         has_boxes = bool(expected[sample_id.split("/")[-1]])
         for key in ("pointing_hit", "box_energy", "box_iou"):
@@ -304,3 +307,19 @@ def test_at_most_64_boxes_are_read():
 
     boxes = boxes_from_meta({"boxes": [[i, i, i + 1, i + 1] for i in range(10_000)]})
     assert len(boxes) == MAX_BOXES == 64
+
+
+def test_undefined_statistics_are_stored_as_null_not_nan():
+    from gradcam_batch.writer import ShardOutput, cam_table
+
+    maps = torch.rand(2, 1, 3, 3, generator=GENERATOR)
+    maps[0] = 0  # an all-zero map: no distribution
+    statistics = {key: value.numpy() for key, value in map_statistics(maps).items()}
+    out = ShardOutput("s", ["a", "b"], np.array([-1, -1]), np.array([[1], [2]]), np.ones((2, 1)), np.ones((2, 1)),
+                      maps.numpy(), maps.flatten(2).mean(2).numpy(), maps.flatten(2).argmax(2).numpy(),
+                      layer_columns=[statistics])
+    table = cam_table(out)
+    for key in statistics:
+        assert table[key].null_count == 1 and table[key][0].as_py() is None, key
+        assert table[key][1].as_py() == pytest.approx(float(statistics[key][1, 0]))
+    assert not any(np.isnan(v) for v in table["entropy"].drop_null().to_pylist())

@@ -1,0 +1,55 @@
+"""gradcam-batch-report: one self-contained HTML page about an output folder.
+
+    gradcam-batch-report OUTPUT_DIR [--out FILE.html] [--per-gallery N] [--max-classes N] [--layer NAME]
+    python -m gradcam_batch.report OUTPUT_DIR
+
+The page holds a run summary, a per-class table, the class-mean maps, galleries (highest and
+lowest confidence, most border-focused maps, pointing-game misses) and the error rows. It needs
+nothing but itself: no network, no external CSS or script, every picture inlined as a data: URI.
+
+Scale: the maps are never loaded all at once. The per-class statistics and the choice of the
+gallery rows read only the small columns (in DuckDB's SQL when DuckDB is importable, else in
+pyarrow record batches); the maps themselves are read once, part file by part file in record
+batches, to add up the class means and pick out the few gallery maps. Peak memory follows the
+size of a record batch, not of the output.
+
+Gallery cards of rows with a heatmap_png (output.heatmap_png: the run's map blended over the
+crop) show that picture and need no dataset. The others' images are read back from the dataset
+the run read (the manifest's `data` config, with the preprocessing it recorded), only from the
+shards that hold the wanted samples, and decoded with the run's own resize and crop, so each map
+lies over exactly the pixels it explains. When the data cannot be read any more, those cards
+show the maps alone and the page says why.
+
+Columns that newer runs add (pred_class, pointing_hit, border_mass, entropy, box_energy, box_iou,
+confidence_change, heatmap_png) are used where the part files have them; the page says which
+sections need a column the output lacks.
+
+The package, by what each module holds:
+    source      the output folder: manifest, part files, schema; ReportError; batch reading
+    queries     the small columns: per-class statistics and gallery rows (DuckDB or pyarrow), errors
+    maps        the streaming pass over the maps: class means, the gallery rows' maps and heatmaps
+    images      gallery images read back from the dataset as the run decoded them
+    pictures    colour scale, upsampling, overlays, stored PNGs, data: URIs
+    page        the HTML sections and the page
+    build       build_report: from the folder to the written page
+    cli         argument parsing and main
+"""
+
+from gradcam_batch.report.build import Report, build_report
+from gradcam_batch.report.cli import main, parser
+from gradcam_batch.report.images import Images, data_config, read_images
+from gradcam_batch.report.maps import MapScan, scan_maps
+from gradcam_batch.report.page import render
+from gradcam_batch.report.pictures import colormap, data_uri, heatmap, overlay, stored_picture, upsample
+from gradcam_batch.report.queries import (GALLERIES, MEAN_COLUMNS, ClassStats, Overview, _duckdb_importable,
+                                          overview_arrow, overview_duckdb, read_errors)
+from gradcam_batch.report.source import (ERROR_COLUMNS, OPTIONAL_COLUMNS, PROG, REQUIRED_COLUMNS, ReportError,
+                                         Source, open_output)
+
+__all__ = [
+    "ERROR_COLUMNS", "GALLERIES", "MEAN_COLUMNS", "OPTIONAL_COLUMNS", "PROG", "REQUIRED_COLUMNS",
+    "ClassStats", "Images", "MapScan", "Overview", "Report", "ReportError", "Source",
+    "_duckdb_importable", "build_report", "colormap", "data_config", "data_uri", "heatmap", "main", "open_output",
+    "overlay", "overview_arrow", "overview_duckdb", "parser", "read_errors", "read_images", "render", "scan_maps",
+    "stored_picture", "upsample",
+]

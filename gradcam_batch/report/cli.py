@@ -1,0 +1,81 @@
+"""The command line: gradcam-batch-report OUTPUT_DIR [options]; a mistake or an unreadable folder
+is one line on stderr (exit code 2, or 1 for a file that cannot be read)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Optional
+
+import pyarrow as pa
+
+from gradcam_batch.report.build import build_report
+from gradcam_batch.report.source import PROG, ReportError, _first_line
+
+
+def _read_errors() -> tuple[type[BaseException], ...]:
+    """What reading files can raise that is no bug of this module: one line, exit code 1."""
+    kinds: tuple[type[BaseException], ...] = (OSError, pa.ArrowException)
+    try:
+        import duckdb
+    except ImportError:
+        return kinds
+    return (*kinds, duckdb.Error)
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, like gradcam-batch's own mistakes
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def _at_least(minimum: int):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"{value} is less than {minimum}")
+        return value
+    return parse
+
+
+def parser() -> argparse.ArgumentParser:
+    parse = _Parser(prog=PROG, description="Write one self-contained HTML report (summary, per-class table, "
+                                           "class-mean maps, galleries, errors) about a gradcam-batch output folder.")
+    parse.add_argument("output_dir", help="the output.dir of a gradcam-batch run")
+    parse.add_argument("--out", metavar="FILE.html", help="the HTML file to write (default: OUTPUT_DIR/report.html)")
+    parse.add_argument("--per-gallery", type=_at_least(0), default=8, metavar="N",
+                       help="cards per gallery (default 8; 0: no galleries)")
+    parse.add_argument("--max-classes", type=_at_least(1), default=50, metavar="N",
+                       help="classes in the table and the class means: the N most frequent (default 50)")
+    parse.add_argument("--layer", metavar="NAME", help="the layer to report on when the output has several (default: the first "
+                                       "name in sorted order)")
+    parse.add_argument("--engine", choices=("auto", "duckdb", "pyarrow"), default="auto",
+                       help="what computes the statistics: DuckDB where installed (auto), or pyarrow")
+    parse.add_argument("--no-images", action="store_true",
+                       help="do not read the dataset: gallery cards show the maps alone (or the heatmap_png "
+                            "the run stored)")
+    return parse
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        report = build_report(args.output_dir, args.out, args.per_gallery, args.max_classes, args.layer,
+                              args.engine, images=not args.no_images)
+    except ReportError as error:
+        print(f"{PROG}: error: {error}", file=sys.stderr)
+        return 2
+    except _read_errors() as error:
+        print(f"{PROG}: error: {_first_line(error)}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return 130
+    stored = f", {report.heatmaps_shown} stored heatmaps" if report.heatmaps_shown else ""
+    print(f"wrote {report.path} ({report.classes} classes, {report.gallery_cards} gallery cards, "
+          f"{report.images_shown} images from the dataset{stored})")
+    if report.note and not args.no_images:
+        print(f"{PROG}: note: images: {report.note}", file=sys.stderr)
+    return 0

@@ -1,0 +1,167 @@
+"""Gallery images read back from the dataset the run read (the manifest's `data` config, with the
+preprocessing it recorded), only from the shards that hold the wanted samples, and decoded with
+the run's own resize and crop, so that each map lies over exactly the pixels it explains."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+
+from gradcam_batch.report.pictures import CARD_SIZE
+from gradcam_batch.report.source import ReportError, _first_line
+
+
+@dataclass
+class Images:
+    pictures: dict[tuple[str, str], np.ndarray] = field(default_factory=dict)
+    """(shard, sample_id) -> uint8 (crop, crop, 3), decoded as the run decoded it."""
+    problems: dict[tuple[str, str], str] = field(default_factory=dict)
+    """(shard, sample_id) -> why that sample's image is not shown."""
+    note: Optional[str] = None
+    """Why no image is shown at all (one line), or a warning about them."""
+    boxes: dict[tuple[str, str], list[float]] = field(default_factory=dict)
+    """(shard, sample_id) -> the object box, x0 y0 x1 y1 in [0, 1] of the crop, where the sample has one."""
+    heatmaps: dict[tuple[str, str], np.ndarray] = field(default_factory=dict)
+    """(shard, sample_id) -> uint8 (h, w, 3): the run's own heatmap_png (its map blended over the
+    crop), decoded; such a card shows it as it is, and its sample is not read from the dataset."""
+    class_names: dict[int, str] = field(default_factory=dict)
+    crop: int = CARD_SIZE
+    """The run's crop: the size of a map drawn alone."""
+
+
+def data_config(manifest: dict, output_dir: Path):
+    """The run's DataConfig, with the preprocessing the run resolved; raises on a config that
+    cannot be rebuilt."""
+    from gradcam_batch.config import DataConfig
+
+    data = dict((manifest.get("config") or {}).get("data") or {})
+    if not data:
+        raise ReportError("the manifest holds no data config")
+    preprocessing = manifest.get("preprocessing") or {}
+    for key in ("resize", "crop", "mean", "std", "interpolation"):
+        if data.get(key) is None and preprocessing.get(key) is not None:
+            data[key] = preprocessing[key]
+    if data.get("format") == "demo":  # the demo's shards live in <output.dir>/demo-data unless data.root says
+        root = Path(data["root"]) if data.get("root") else output_dir / "demo-data"
+        data["shards"] = str(root / "demo-*.tar")
+    known = {item.name for item in dataclasses.fields(DataConfig)}
+    return DataConfig(**{key: value for key, value in data.items() if key in known})
+
+
+def _class_names(cfg) -> dict[int, str]:
+    if cfg.format == "demo":
+        from gradcam_batch.models import DEMO_CLASSES
+
+        return dict(enumerate(DEMO_CLASSES))
+    if cfg.format == "imagefolder" and cfg.root and os.path.isdir(os.path.expanduser(cfg.root)):
+        root = Path(os.path.expanduser(cfg.root))  # labels are the sorted class folders' indices
+        return dict(enumerate(sorted(entry.name for entry in root.iterdir()
+                                     if entry.is_dir() and not entry.name.startswith("."))))
+    return {}
+
+
+def run_class_names(manifest: dict, output_dir: Path) -> dict[int, str]:
+    """The class names, where the run's data config says them; {} where it cannot be rebuilt."""
+    try:
+        return _class_names(data_config(manifest, output_dir))
+    except Exception:  # noqa: BLE001 -- names are a nicety
+        return {}
+
+
+def _first_box(meta) -> Optional[list]:
+    """The sample's first object box (pixels), as the run read it for the pointing game."""
+    try:
+        from gradcam_batch.data.transforms import box_from_meta
+    except ImportError:
+        return None
+    try:
+        return box_from_meta(meta)
+    except Exception:  # noqa: BLE001 -- metadata is data; a card without its box is fine
+        return None
+
+
+def read_images(manifest: dict, output_dir: Path, wanted: set[tuple[str, str]]) -> Images:
+    """Decode the wanted samples as the run did, reading only the shards that hold them."""
+    images = Images()
+    try:
+        cfg = data_config(manifest, output_dir)
+        images.class_names = _class_names(cfg)
+    except Exception as error:  # noqa: BLE001 -- any reason becomes the page's one line
+        images.note = f"the run's data config cannot be rebuilt ({_first_line(error)})"
+        return images
+    if not wanted:
+        return images
+    if not cfg.resize or not cfg.crop:
+        images.note = "the manifest does not record the run's resize and crop"
+        return images
+    try:
+        from gradcam_batch.data.readers import iter_samples
+        from gradcam_batch.data.records import printable
+        from gradcam_batch.data.shards import list_shards
+        from gradcam_batch.data.transforms import decode_resize_crop
+
+        shards = {shard.shard_id: shard for shard in list_shards(cfg)}
+    except Exception as error:  # noqa: BLE001 -- a moved dataset, an unreadable folder, ...
+        images.note = f"the dataset cannot be read any more: {_first_line(error)}"
+        return images
+    listing = ((manifest.get("listing") or {}).get("shards")) or {}
+    by_shard: dict[str, set[str]] = {}
+    for shard_id, sample_id in wanted:
+        by_shard.setdefault(shard_id, set()).add(sample_id)
+    changed = []
+    for shard_id, sample_ids in sorted(by_shard.items()):
+        shard = shards.get(shard_id)
+        if shard is None:
+            for sample_id in sample_ids:
+                images.problems[(shard_id, sample_id)] = f"shard {shard_id} is no longer in the dataset"
+            continue
+        if shard_id in listing and listing[shard_id] != shard.source():
+            changed.append(shard_id)
+        if shard.format == "imagefolder":  # read only the wanted files, not the whole shard
+            shard = dataclasses.replace(shard, files=[(path, label) for path, label in shard.files
+                                                      if printable(path) in sample_ids])
+        left = set(sample_ids)
+        try:
+            for sample in iter_samples(shard, cfg):
+                if sample.sample_id not in left:
+                    continue
+                left.discard(sample.sample_id)
+                key = (shard_id, sample.sample_id)
+                if sample.payload is None:
+                    images.problems[key] = f"not readable: {sample.error[2] if sample.error else 'no image'}"
+                else:
+                    try:
+                        picture, box = decode_resize_crop(sample.payload, cfg.resize, cfg.crop, cfg.max_pixels,
+                                                          box=_first_box(sample.meta),
+                                                          interpolation=cfg.interpolation or "bilinear")
+                        images.pictures[key] = picture.permute(1, 2, 0).contiguous().numpy()
+                        if box is not None:
+                            images.boxes[key] = [float(value) for value in box]
+                    except Exception as error:  # noqa: BLE001 -- that card shows its map alone
+                        images.problems[key] = f"not decodable: {_first_line(error)}"
+                if not left:
+                    break
+        except Exception as error:  # noqa: BLE001 -- a shard that broke since the run
+            for sample_id in left:
+                images.problems[(shard_id, sample_id)] = f"shard {shard_id} cannot be read: {_first_line(error)}"
+            left = set()
+        for sample_id in left:
+            images.problems[(shard_id, sample_id)] = f"no longer in shard {shard_id}"
+    if changed:
+        images.note = (f"{len(changed)} shard(s) changed since the run ({', '.join(changed[:3])}"
+                       f"{', ...' if len(changed) > 3 else ''}): their images may not match the maps")
+    elif wanted and not images.pictures:
+        reasons = sorted(set(images.problems.values()))
+        images.note = f"none of the gallery images could be read ({reasons[0] if reasons else 'unknown'})"
+    return images
+
+
+def _run_crop(manifest: dict) -> int:
+    crop = (manifest.get("preprocessing") or {}).get("crop") or \
+        ((manifest.get("config") or {}).get("data") or {}).get("crop")
+    return crop if isinstance(crop, int) and crop > 0 else CARD_SIZE
