@@ -30,6 +30,8 @@ class RowExtras:
     insertion: torch.Tensor | None = None  # float32 (B, K, F)
     deletion: torch.Tensor | None = None  # float32 (B, K, F)
     confidence_change: torch.Tensor | None = None  # float32 (B, K)
+    drop_in_confidence: torch.Tensor | None = None  # float32 (B, K)
+    increase_in_confidence: torch.Tensor | None = None  # bool (B, K)
 
     def to_host(self) -> "RowExtras":
         """Non-blocking copies; the caller synchronises once for the whole batch."""
@@ -95,6 +97,8 @@ def row_extras(cfg: Config, result: CamResult, images: torch.Tensor, boxes: torc
                                   autocast=autocast, base_confidence=result.probs)
             extra.insertion, extra.deletion = scores.insertion, scores.deletion
             extra.confidence_change = scores.confidence_change
+            extra.drop_in_confidence = scores.drop_in_confidence
+            extra.increase_in_confidence = scores.increase_in_confidence
         extras.append(extra)
     return extras
 

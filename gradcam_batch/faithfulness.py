@@ -40,6 +40,16 @@ class FaithfulnessResult:
     base_confidence: torch.Tensor  # float32 (B, K)
     fractions: tuple[float, ...] = ()  # the F fractions, in the order of the last axis
 
+    @property
+    def drop_in_confidence(self) -> torch.Tensor:
+        """pytorch-grad-cam's DropInConfidence: max(-confidence_change, 0), float32 (B, K)."""
+        return (-self.confidence_change).clamp_min(0)
+
+    @property
+    def increase_in_confidence(self) -> torch.Tensor:
+        """pytorch-grad-cam's IncreaseInConfidence: confidence_change > 0, bool (B, K)."""
+        return self.confidence_change > 0
+
 
 def kept_pixels(fraction: float, num_pixels: int) -> int:
     """The number of pixels a fraction selects: round(fraction * num_pixels) (Python's round)."""

@@ -107,6 +107,8 @@ CAM_SCHEMA = pa.schema([
     ("insertion", pa.list_(pa.float32())),
     ("deletion", pa.list_(pa.float32())),
     ("confidence_change", pa.float32()),
+    ("drop_in_confidence", pa.float32()),
+    ("increase_in_confidence", pa.bool_()),
 ])
 # Columns a row may leave null: what was not asked for (cam_resized, heatmap_png, faithfulness),
 # what the sample has no data for (box metrics without boxes), or what the producer did not give.
@@ -227,6 +229,8 @@ def _extra_columns(out: ShardOutput, extras: dict, rows: int, num_targets: int) 
         _list_column(extras.get("insertion"), rows, pa.float32()),
         _list_column(extras.get("deletion"), rows, pa.float32()),
         per_row("confidence_change", np.float32, pa.float32()),
+        per_row("drop_in_confidence", np.float32, pa.float32()),
+        per_row("increase_in_confidence", np.bool_, pa.bool_()),
     ]
 
 

@@ -152,6 +152,22 @@ def test_confidence_change_matches_pytorch_grad_cam(case, model, images):
         np.testing.assert_allclose(result.confidence_change[:, k].numpy(), want, atol=1e-8, rtol=1e-4)
 
 
+def test_drop_and_increase_in_confidence_match_pytorch_grad_cam(case, model, images):
+    pytest.importorskip("pytorch_grad_cam")
+    from pytorch_grad_cam.metrics.cam_mult_image import DropInConfidence, IncreaseInConfidence
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputSoftmaxTarget
+
+    cams, targets, result = case
+    maps = upsample_maps(cams, (SIZE, SIZE)).numpy()
+    for k in range(targets.shape[1]):
+        wanted = [ClassifierOutputSoftmaxTarget(int(c)) for c in targets[:, k]]
+        drop = DropInConfidence()(images, maps[:, k], wanted, model)
+        increase = IncreaseInConfidence()(images, maps[:, k], wanted, model)
+        np.testing.assert_allclose(result.drop_in_confidence[:, k].numpy(), drop, atol=1e-5, rtol=0)
+        assert result.increase_in_confidence[:, k].numpy().tolist() == (increase > 0).tolist()
+    assert result.increase_in_confidence.dtype == torch.bool
+
+
 def test_full_fraction_insertion_is_base_and_deletion_is_baseline(case, model):
     cams, targets, result = case
     torch.testing.assert_close(result.insertion[..., -1], result.base_confidence, atol=1e-6, rtol=0)

@@ -405,3 +405,22 @@ def test_huggingface_families_pick_their_layer_and_equal_the_formula(tmp_path, f
     exact = full_backward_reference(model, images, result.target_classes, "gradcam", layer=layer.name,
                                     as_maps=as_maps)
     torch.testing.assert_close(result.cams.double(), exact, atol=1e-5, rtol=0)
+
+
+def test_timm_pretrained_comes_from_the_local_cache_only(tmp_path, monkeypatch):
+    """With empty caches, `pretrained` fails at once in one line: nothing is downloaded (the
+    hub is put in offline mode, and torch hub files are looked up before timm could fetch them)."""
+    import os
+    import time
+
+    constants = pytest.importorskip("huggingface_hub.constants")
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf" / "hub"))  # read at call time
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf" / "hub"))
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    offline_before = os.environ.get("HF_HUB_OFFLINE")
+    started = time.monotonic()
+    with pytest.raises(UserError, match="not in the local") as error:
+        load_model(ModelConfig(source="timm", name="vit_tiny_patch16_224", weights="pretrained"))
+    assert "\n" not in str(error.value) and time.monotonic() - started < 30
+    assert os.environ.get("HF_HUB_OFFLINE") == offline_before  # the offline switch is put back
+    assert not (tmp_path / "hf" / "hub").exists() or not any((tmp_path / "hf" / "hub").rglob("*.safetensors"))

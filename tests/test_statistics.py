@@ -242,6 +242,9 @@ def test_faithfulness_columns_equal_the_module(tmp_path):
     torch.testing.assert_close(torch.tensor([r["deletion"] for r in rows]), want.deletion[:, 0], atol=1e-4, rtol=1e-3)
     torch.testing.assert_close(torch.tensor([r["confidence_change"] for r in rows]), want.confidence_change[:, 0],
                                atol=1e-4, rtol=1e-3)
+    for row in rows:
+        assert row["drop_in_confidence"] == pytest.approx(max(-row["confidence_change"], 0.0), abs=1e-7)
+        assert row["increase_in_confidence"] == (row["confidence_change"] > 0)
 
 
 def test_raw_max_is_the_unnormalized_maximum(tmp_path):
