@@ -12,7 +12,8 @@ from dataclasses import dataclass, fields
 import torch
 
 from gradcam_batch.config import Config
-from gradcam_batch.engine import CamResult
+from gradcam_batch.data.prefetch import Preprocess
+from gradcam_batch.engine import CamEngine, CamResult
 from gradcam_batch.statistics import box_metrics, upsample
 
 # Rows of this many images at once through the crop-sized box masks: (chunk, K, S, S) floats
@@ -43,19 +44,19 @@ class RowExtras:
 
 
 def jet(values: torch.Tensor) -> torch.Tensor:
-    """The jet colormap (blue, cyan, yellow, red) of values in [0, 1]: (..., 3) float in [0, 1]."""
-    v = values.clamp(0, 1)[..., None] * 4.0
-    offsets = torch.tensor([3.0, 2.0, 1.0], device=values.device)  # red, green, blue peaks
-    return (1.5 - (v - offsets).abs()).clamp(0, 1)
+    """The jet colormap (blue, cyan, yellow, red) of values in [0, 1]: (..., 3) in [0, 1], in the
+    values' dtype. The channel peaks are Python numbers: no tensor is copied to the device."""
+    v = values.clamp(0, 1) * 4.0
+    return torch.stack([(1.5 - (v - peak).abs()).clamp(0, 1) for peak in (3.0, 2.0, 1.0)], dim=-1)
 
 
-def blend(images: torch.Tensor, cams: torch.Tensor, mean, std, weight: float = 0.5) -> torch.Tensor:
+def blend(images: torch.Tensor, cams: torch.Tensor, preprocess: Preprocess, weight: float = 0.5) -> torch.Tensor:
     """uint8 (B, K, S, S, 3): each map upsampled to the crop, coloured (jet) and blended half and
-    half over the crop (pytorch-grad-cam's show_cam_on_image with image_weight=0.5)."""
+    half over the crop (pytorch-grad-cam's show_cam_on_image with image_weight=0.5). The crop is
+    recovered from the normalized images with the preprocessing's own device tensors."""
     size = images.shape[-2:]
-    mean = torch.tensor(mean, device=images.device).view(1, 3, 1, 1)
-    std = torch.tensor(std, device=images.device).view(1, 3, 1, 1)
-    pixels = (images.float() * std + mean).clamp(0, 1).permute(0, 2, 3, 1)[:, None]  # (B, 1, S, S, 3)
+    pixels = ((images.float() - preprocess.shift) / (preprocess.scale * 255.0)).clamp(0, 1)
+    pixels = pixels.permute(0, 2, 3, 1)[:, None]  # (B, 1, S, S, 3)
     colours = jet(upsample(cams, tuple(size)))  # (B, K, S, S, 3)
     return ((weight * pixels + (1 - weight) * colours) * 255).round().to(torch.uint8)
 
@@ -68,10 +69,10 @@ def resized_size(cam_size, crop: int, grid: tuple[int, int]) -> tuple[int, int] 
     return (int(cam_size[0]), int(cam_size[1]))
 
 
-def row_extras(cfg: Config, result: CamResult, images: torch.Tensor, boxes: torch.Tensor, model,
-               autocast) -> list[RowExtras]:
+def row_extras(cfg: Config, result: CamResult, images: torch.Tensor, boxes: torch.Tensor, engine: CamEngine,
+               preprocess: Preprocess) -> list[RowExtras]:
     """The extras of every layer's maps of a batch (result on the device; images the normalized
-    batch; boxes (B, M, 4) on the host, NaN rows: none)."""
+    batch, made by `preprocess`; boxes (B, M, 4) on the host, NaN rows: none)."""
     crop = images.shape[-1]
     has_boxes = bool((~torch.isnan(boxes)).all(dim=-1).any())
     boxes = boxes.to(images.device, non_blocking=True) if has_boxes else None
@@ -89,12 +90,12 @@ def row_extras(cfg: Config, result: CamResult, images: torch.Tensor, boxes: torc
         if size is not None:
             extra.cam_resized = upsample(maps.cams, size).to(torch.float16)
         if cfg.output.heatmap_png:
-            extra.heatmaps = blend(images, maps.cams, cfg.data.mean, cfg.data.std)
+            extra.heatmaps = blend(images, maps.cams, preprocess)
         if cfg.metrics.faithfulness:
             from gradcam_batch.faithfulness import faithfulness
 
-            scores = faithfulness(model, images, maps.cams, result.target_classes, cfg.metrics.fractions,
-                                  autocast=autocast, base_confidence=result.probs)
+            scores = faithfulness(engine.model, images, maps.cams, result.target_classes, cfg.metrics.fractions,
+                                  autocast=engine.autocast, base_confidence=result.probs)
             extra.insertion, extra.deletion = scores.insertion, scores.deletion
             extra.confidence_change = scores.confidence_change
             extra.drop_in_confidence = scores.drop_in_confidence

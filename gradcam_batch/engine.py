@@ -231,7 +231,7 @@ class CamEngine:
                 raise UserError(f"cam.classes={bad} out of range: the model has {num_classes} classes "
                                 f"(0..{num_classes - 1})")
 
-    def _autocast(self):
+    def autocast(self):
         if self.amp_dtype is None:
             return contextlib.nullcontext()
         return torch.autocast(device_type=self.device.type, dtype=self.amp_dtype)
@@ -283,7 +283,7 @@ class CamEngine:
     def __call__(self, images: torch.Tensor, labels: torch.Tensor) -> CamResult:
         """images: normalized float (B, 3, H, W) on the device; labels int64 (B,) (-1 unknown)."""
         with ActivationCapture([layer.module for layer in self.layers]) as capture, torch.enable_grad(), \
-                self._autocast():
+                self.autocast():
             logits = self.model(images)
         for layer, output in zip(self.layers, capture.outputs):
             if output is None:

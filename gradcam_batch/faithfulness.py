@@ -129,7 +129,11 @@ def faithfulness(model: nn.Module, images: torch.Tensor, cams: torch.Tensor, tar
         maps = upsample_maps(cams.to(device), (height, width)).flatten(2)  # (B, K, HW) float32
         ranks = descending_ranks(maps)  # (B, K, HW) int32
         # per perturbation slot: how many top pixels the mask holds, and which slots keep them
-        slot_count = torch.tensor(counts * 2 + [0], dtype=torch.int32, device=device)
+        # filled with Python numbers: a tensor built from a host list would be a copy (and a
+        # stream synchronisation) per batch
+        slot_count = torch.zeros(per_map, dtype=torch.int32, device=device)
+        for slot, count in enumerate(counts * 2):
+            slot_count[slot] = count
         slot_inserts = torch.arange(per_map, device=device) < num_fractions
         slot_is_cam = torch.arange(per_map, device=device) == per_map - 1
 

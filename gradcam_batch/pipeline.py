@@ -382,8 +382,8 @@ def _process(cfg: Config, resolved: dict, device, channels_last, engine: CamEngi
             errors += len(batch.errors)
             if count:
                 result = engine.explain(ready.images, ready.labels)
-                extras = [extra.to_host() for extra in row_extras(cfg, result, ready.images, batch.boxes,
-                                                                   engine.model, engine._autocast)]
+                extras = [extra.to_host() for extra in row_extras(cfg, result, ready.images, batch.boxes, engine,
+                                                                   preprocess)]
                 result = result.to_host()  # one synchronisation for the maps and their extras
                 found = localization_sums(extras[-1])  # the fused maps where there are, else the last layer's
                 hits, pointed = hits + found[0], pointed + found[1]

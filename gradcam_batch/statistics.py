@@ -78,11 +78,12 @@ def map_statistics(cams: torch.Tensor) -> dict[str, torch.Tensor]:
     }
 
 
-def upsample(cams: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """(B, K, h, w) maps bilinearly resized to `size` (align_corners=False), float32."""
+def upsample(cams: torch.Tensor, size: tuple[int, int], dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """(B, K, h, w) maps bilinearly resized to `size` (align_corners=False), in `dtype`."""
+    cams = cams.to(dtype)
     if tuple(cams.shape[-2:]) == tuple(size):
-        return cams.float()
-    return F.interpolate(cams.float(), size=tuple(size), mode="bilinear", align_corners=False)
+        return cams
+    return F.interpolate(cams, size=tuple(size), mode="bilinear", align_corners=False)
 
 
 def box_masks(boxes: torch.Tensor, size: int) -> torch.Tensor:

@@ -8,6 +8,7 @@ import torch
 
 from gradcam_batch.audit import row_extras
 from gradcam_batch.config import CamConfig, Config, ModelConfig
+from gradcam_batch.data.prefetch import Preprocess
 from gradcam_batch.engine import CamEngine
 from gradcam_batch.layers import resolve_target_layers
 from gradcam_batch.models import load_model
@@ -66,14 +67,16 @@ def test_row_extras_on_cuda_equal_cpu():
     cfg.data = cfg.data.resolved()
     cpu_engine = CamEngine(model, model.layer4, CamConfig(), torch.device("cpu"))
     cpu_result = cpu_engine(images, torch.full((4,), -1))
-    want = row_extras(cfg, cpu_result, images, boxes, model, cpu_engine._autocast)[0]
+    want = row_extras(cfg, cpu_result, images, boxes, cpu_engine, Preprocess(cfg.data.mean, cfg.data.std,
+                                                                             torch.device("cpu"), False))[0]
     gpu_model = copy.deepcopy(model).to(cuda())
     gpu_engine = CamEngine(gpu_model, gpu_model.layer4, CamConfig(backend="torch"), cuda())
     previous = torch.backends.cudnn.allow_tf32
     torch.backends.cudnn.allow_tf32 = False
     try:
         gpu_result = gpu_engine(images.to(cuda()), torch.full((4,), -1, device=cuda()))
-        got = row_extras(cfg, gpu_result, images.to(cuda()), boxes, gpu_model, gpu_engine._autocast)[0].to_host()
+        preprocess = Preprocess(cfg.data.mean, cfg.data.std, cuda(), False)
+        got = row_extras(cfg, gpu_result, images.to(cuda()), boxes, gpu_engine, preprocess)[0].to_host()
     finally:
         torch.backends.cudnn.allow_tf32 = previous
     torch.testing.assert_close(got.box_energy, want.box_energy, atol=1e-4, rtol=0)

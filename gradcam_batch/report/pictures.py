@@ -19,10 +19,14 @@ STORED_MAX_SIDE = 4096
 
 
 def colormap(values: np.ndarray) -> np.ndarray:
-    """Jet-like colours for values in [0, 1]: uint8 (..., 3), dark blue -> cyan -> yellow -> dark red."""
-    x = np.clip(np.nan_to_num(values.astype(np.float64)), 0.0, 1.0)
-    channels = [np.clip(1.5 - np.abs(4.0 * x - centre), 0.0, 1.0) for centre in (3.0, 2.0, 1.0)]
-    return np.round(np.stack(channels, axis=-1) * 255).astype(np.uint8)
+    """The run's jet colours (audit.jet, which colours the stored heatmap_png too) of values in
+    [0, 1]: uint8 (..., 3), dark blue -> cyan -> yellow -> dark red."""
+    import torch
+
+    from gradcam_batch.audit import jet
+
+    x = torch.from_numpy(np.nan_to_num(np.asarray(values, dtype=np.float64)))
+    return np.round(jet(x).numpy() * 255).astype(np.uint8)
 
 
 def scaled(values: np.ndarray) -> np.ndarray:
@@ -32,23 +36,15 @@ def scaled(values: np.ndarray) -> np.ndarray:
     return (values - low) / (high - low) if high > low else np.zeros_like(values)
 
 
-def _resize_matrix(size_in: int, size_out: int) -> np.ndarray:
-    """(size_out, size_in) weights of a bilinear resize, half-pixel centres (align_corners=False)."""
-    position = (np.arange(size_out) + 0.5) * size_in / size_out - 0.5
-    position = np.clip(position, 0, size_in - 1)
-    low = np.floor(position).astype(int)
-    high = np.minimum(low + 1, size_in - 1)
-    fraction = position - low
-    matrix = np.zeros((size_out, size_in))
-    matrix[np.arange(size_out), low] += 1 - fraction
-    matrix[np.arange(size_out), high] += fraction
-    return matrix
-
-
 def upsample(values: np.ndarray, height: int, width: int) -> np.ndarray:
-    """Bilinear upsampling of a (h, w) map to (height, width)."""
-    values = np.nan_to_num(values.astype(np.float64))
-    return _resize_matrix(values.shape[0], height) @ values @ _resize_matrix(values.shape[1], width).T
+    """Bilinear upsampling of a (h, w) map to (height, width), as the run upsamples its maps
+    (statistics.upsample), in float64."""
+    import torch
+
+    from gradcam_batch.statistics import upsample as upsample_maps
+
+    maps = torch.from_numpy(np.nan_to_num(np.asarray(values, dtype=np.float64)))[None, None]
+    return upsample_maps(maps, (height, width), dtype=torch.float64)[0, 0].numpy()
 
 
 def heatmap(values: np.ndarray, size: int) -> np.ndarray:
