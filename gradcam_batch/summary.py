@@ -4,6 +4,17 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
+
+
+def default_layer(target_layer: str, fuse: Optional[str] = None) -> str:
+    """The layer whose rows the run summary and the report speak of when an output holds several:
+    the fused maps when cam.fuse wrote them, else the last target layer as listed (the deepest, as
+    usual for Grad-CAM). `target_layer` is the manifest's comma-joined list of resolved names."""
+    names = [name for name in (target_layer or "").split(",") if name]
+    if fuse and len(names) > 1:
+        return f"{fuse}({','.join(names)})"
+    return names[-1] if names else ""
 
 
 @dataclass
