@@ -1,6 +1,6 @@
 """Dataclass schemas for every config group, registered in Hydra's ConfigStore.
 
-The YAML files under gradcam_batch/conf/ only pick defaults. Validation runs in __post_init__ when the
+The YAML files under conf/ (shipped as gradcam_batch/conf/) only pick defaults. Validation runs in __post_init__ when the
 resolved config is turned into these objects (OmegaConf.to_object), so every error names the
 bad value and the fix before any work starts.
 """

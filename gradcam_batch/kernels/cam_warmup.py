@@ -1,0 +1,1 @@
+../../kernels/cam_warmup.py
