@@ -27,11 +27,18 @@ def _hydra_main(cfg: DictConfig) -> None:
     from gradcam_batch import dist, pipeline
     from gradcam_batch.writer import OutputWriteError
 
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="gradcam-batch: %(message)s")
-    logging.getLogger("gradcam_batch").setLevel(logging.INFO)
+    # Under torchrun every rank would print the same lines: rank 0 tells the story, the others
+    # speak only for warnings and errors, and say which rank they are.
+    rank, world = dist.rank(), dist.world_size()
+    prefix = f"gradcam-batch [rank {rank}]" if world > 1 and rank else "gradcam-batch"
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format=f"{prefix}: %(message)s", force=True)
+    logging.getLogger("gradcam_batch").setLevel(logging.INFO if rank == 0 else logging.WARNING)
+    logging.getLogger("hydra").setLevel(logging.WARNING)  # its launcher's "#1 : ..." lines: the job header says it
     try:
         config = OmegaConf.to_object(cfg)
-        _per_job_output_dir(config, cfg)
+        job = _per_job_output_dir(config, cfg)
+        if job is not None and dist.is_main():  # a sweep: say which job the lines below belong to
+            print(f"== job {job}: {' '.join(_job_overrides()) or '(defaults)'} -> {config.output.dir}", flush=True)
         summary = pipeline.run(config, OmegaConf.to_container(cfg, resolve=True))
     except UserError as error:
         print(f"gradcam-batch: error: {error}", file=sys.stderr)
@@ -49,18 +56,28 @@ def _hydra_main(cfg: DictConfig) -> None:
         sys.exit(1)
 
 
-def _per_job_output_dir(config, cfg: DictConfig) -> None:
+def _per_job_output_dir(config, cfg: DictConfig) -> int | None:
     """Under --multirun every job writes to <output.dir>/<job number>, so the jobs of a sweep
-    (-m cam.method=gradcam,layercam) never share, and refuse, one folder."""
+    (-m cam.method=gradcam,layercam) never share, and refuse, one folder. Returns the job number
+    under --multirun, else None."""
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
     if not HydraConfig.initialized():
-        return
+        return None
     hydra_cfg = HydraConfig.get()
-    if hydra_cfg.mode == RunMode.MULTIRUN:
-        config.output.dir = str(Path(config.output.dir) / str(hydra_cfg.job.num))
-        cfg.output.dir = config.output.dir  # the manifest records the folder actually used
+    if hydra_cfg.mode != RunMode.MULTIRUN:
+        return None
+    config.output.dir = str(Path(config.output.dir) / str(hydra_cfg.job.num))
+    cfg.output.dir = config.output.dir  # the manifest records the folder actually used
+    return hydra_cfg.job.num
+
+
+def _job_overrides() -> list[str]:
+    """The overrides that make this sweep job what it is (those of the sweep, not the shared ones)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    return list(HydraConfig.get().overrides.task)
 
 
 def main() -> None:

@@ -56,8 +56,8 @@ class DataConfig:
     format: str = "demo"
     """Where images come from: demo (generated offline), imagefolder, webdataset or parquet."""
     root: Optional[str] = None
-    """imagefolder: the directory holding one sub-folder per class. demo: where the generated
-    dataset is cached (default: <output.dir>/demo-data)."""
+    """imagefolder: the directory holding one sub-folder per class. (The demo caches its generated
+    images under <output.dir>/demo-data and writes nothing outside output.dir.)"""
     shards: Any = None
     """webdataset / parquet: a glob of shard files, several comma-separated in one string, or a
     list of globs (`data.shards=[a.tar,b.tar]`, which needs no quoting on the command line)."""
@@ -71,7 +71,10 @@ class DataConfig:
     334 cuts a 1,000-image shard in 3 and 20,000 images in 60, so 1 shard of 20k and 20 shards
     of 1k both give 15 workers 4 equal units each. A resume keeps the split it started with."""
     image_column: str = "image"
-    """parquet: column with the encoded image (binary, or a struct with a `bytes` field)."""
+    """parquet: column with the encoded image: binary, or a struct with a `bytes` and/or a `path`
+    field, as Hugging Face `datasets` writes it. A cell with bytes is read from its bytes; one
+    with only a path reads that file, a relative path from the Parquet file's folder (see
+    data.follow_links)."""
     label_column: Optional[str] = "label"
     """parquet: integer label column. The default `label` may be missing (labels unknown); any other
     name must be a column of the data, and null reads no labels."""
@@ -116,7 +119,9 @@ class DataConfig:
     error rows, refused from the header or file size before they are read. Default 256 MiB."""
     follow_links: bool = False
     """imagefolder: also read images and class folders that are symbolic links leading outside
-    data.root (links inside the root are always followed; only regular files are ever read)."""
+    data.root (links inside the root are always followed; only regular files are ever read).
+    parquet: also read image paths (in struct<bytes, path> cells) that lead outside the Parquet
+    file's folder: `..`, absolute paths elsewhere, links."""
     max_pixels: int = 89_478_485
     """Images with more pixels than this (decompression bombs) become error rows. Default:
     Pillow's limit (about 9459 x 9459)."""
@@ -156,6 +161,20 @@ class DataConfig:
         if self.format in ("webdataset", "parquet") and not self.shards:
             raise UserError(f"data={self.format} needs data.shards='DIR/*.{'tar' if self.format == 'webdataset' else 'parquet'}'")
 
+    def check_settings_used(self) -> None:
+        """Refuse a setting that the chosen data source never reads (`data.root=/my/images`
+        without `data=imagefolder` would otherwise run the demo and exit 0), naming the source to
+        pick. Called once on the user's config: the pipeline itself fills data.shards for the demo."""
+        for name, formats in _FORMAT_SETTINGS.items():
+            value, default = getattr(self, name), _DATA_DEFAULTS[name]
+            if self.format in formats or value == default:
+                continue
+            pick = " or ".join(f"data={fmt}" for fmt in formats)
+            shown = f"{value!r}" if not isinstance(value, str) or len(value) < 80 else f"'{value[:77]}...'"
+            raise UserError(f"data.{name}={shown} is read only by {pick}, but data={self.format} is chosen"
+                            f"{' (the default)' if self.format == 'demo' else ''}: add {pick.split(' or ')[0]} "
+                            f"to the command line, or leave data.{name} out")
+
     @staticmethod
     def _check_crop(resize: int, crop: int, origin: str) -> None:
         if crop > resize:
@@ -180,6 +199,21 @@ class DataConfig:
             origin = f" (from {defaults.source})" if self.crop is None or self.resize is None else ""
             self._check_crop(filled.resize, filled.crop, origin)
         return filled
+
+
+# The settings only some data sources read, and which; every other data setting applies to all.
+_FORMAT_SETTINGS = {
+    "root": ("imagefolder",),
+    "shard_size": ("imagefolder",),
+    "shards": ("webdataset", "parquet"),
+    "image_column": ("parquet",),
+    "label_column": ("parquet",),
+    "boxes_column": ("parquet",),
+    "id_column": ("parquet",),
+    "demo_images": ("demo",),
+    "follow_links": ("imagefolder", "parquet"),
+}
+_DATA_DEFAULTS = {field.name: field.default for field in dataclasses.fields(DataConfig)}
 
 
 @dataclass(frozen=True)

@@ -151,15 +151,29 @@ def huggingface_model(cfg: ModelConfig) -> tuple[nn.Module, Preprocessing]:
     kwargs = {} if cfg.num_classes is None else {"num_labels": cfg.num_classes, "ignore_mismatched_sizes": True}
     try:
         with _offline():
-            model = transformers.AutoModelForImageClassification.from_pretrained(
-                cfg.name, local_files_only=True, **kwargs)
+            model, loading = transformers.AutoModelForImageClassification.from_pretrained(
+                cfg.name, local_files_only=True, output_loading_info=True, **kwargs)
     except (OSError, ValueError, KeyError) as error:
         where = "folder" if os.path.isdir(cfg.name) else "local folder, nor a model in the Hugging Face cache"
         raise UserError(f"model.name={cfg.name!r} is not an image-classification model's {where} "
                         f"({str(error).splitlines()[0][:200]}); nothing is downloaded: save the model with "
                         "save_pretrained or fetch it once with network access") from error
+    _warn_random_weights(cfg.name, loading)
     model.register_forward_hook(_logits_only)
     return model, _processor_recipe(transformers, cfg.name)
+
+
+def _warn_random_weights(name: str, loading: dict) -> None:
+    """transformers initializes at random what the folder lacks (a new head, a folder of another
+    architecture's weights) and says so only in its own log, which is silenced above."""
+    missing = list(loading.get("missing_keys") or [])
+    mismatched = [str(item[0]) if isinstance(item, (tuple, list)) else str(item)
+                  for item in loading.get("mismatched_keys") or []]
+    fresh = missing + mismatched
+    if fresh:
+        log.warning("model.name=%s: %d weights are not in the folder and have random values (%s%s); "
+                    "maps of those parts explain nothing real", name, len(fresh), ", ".join(fresh[:3]),
+                    f" and {len(fresh) - 3} more" if len(fresh) > 3 else "")
 
 
 def _size_value(size, *keys):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import os
 from pathlib import Path
 
 from gradcam_batch import UserError
@@ -48,10 +49,42 @@ def override_tokens(argv: list[str]) -> list[str]:
     return tokens
 
 
+def _refuse_repeated_keys(tokens: list[str]) -> None:
+    """Hydra keeps the last of a key given twice; the shell turns an unquoted
+    `data.shards=/d/shard-{0000..0003}.tar` into four of them, so three quarters of the data
+    would be dropped without a word."""
+    values: dict[str, list[str]] = {}
+    for token in tokens:
+        key, value = token.split("=", 1)
+        values.setdefault(key.lstrip("+~"), []).append(value)
+    for key, given in values.items():
+        if len(given) < 2:
+            continue
+        hint = ""
+        if key == "data.shards":
+            hint = (f"; if the shell expanded braces, quote them for Hydra: \"data.shards='{_brace_guess(given)}'\" "
+                    "(braces expand as in WebDataset), or list the files: data.shards=[a.tar,b.tar]")
+        raise UserError(f"{key} is given {len(given)} times on the command line ({', '.join(given[:3])}"
+                        f"{', ...' if len(given) > 3 else ''}); give it once{hint}")
+
+
+def _brace_guess(values: list[str]) -> str:
+    """The brace pattern a shell most likely expanded into these values."""
+    prefix = os.path.commonprefix(values)
+    suffix = os.path.commonprefix([value[len(prefix):][::-1] for value in values])[::-1]
+    middles = [value[len(prefix):len(value) - len(suffix)] for value in values]
+    if all(middle.isdigit() for middle in middles):
+        while prefix[-1:].isdigit():  # shard-{0000..0003}, not shard-000{0..3}
+            prefix, middles = prefix[:-1], [prefix[-1] + middle for middle in middles]
+        return f"{prefix}{{{middles[0]}..{middles[-1]}}}{suffix}"
+    return f"{prefix}{{{','.join(middles)}}}{suffix}"
+
+
 def check_overrides(argv: list[str], config_dir: str | Path) -> None:
     """Raise UserError for the first override naming a group, option or key that does not exist."""
     config_dir = Path(config_dir)
     groups = [field.name for field in dataclasses.fields(Config)]
+    _refuse_repeated_keys(override_tokens(argv))
     for token in override_tokens(argv):
         key, value = token.split("=", 1)
         key = key.lstrip("+~")

@@ -219,6 +219,15 @@ def _target_layers(model, requested, sample: torch.Tensor):
 def _prepare(cfg: Config, device: torch.device):
     """Everything that can fail on user input, before anything is written."""
     check_output_apart(cfg.data, cfg.output.dir)  # first: it takes a moment, the model takes seconds
+    # the data is listed before the model is built: a missing data.root or shard is said at once,
+    # not after seconds of loading weights
+    if cfg.data.format == "demo":
+        root = Path(cfg.output.dir) / "demo-data"  # never outside output.dir
+        if dist.is_main():
+            ensure_demo_shards(root, cfg.data.demo_images)
+        dist.barrier()
+        cfg.data.shards = ensure_demo_shards(root, cfg.data.demo_images)
+    shards = list_shards(cfg.data)
     if cfg.runtime.threads:
         torch.set_num_threads(cfg.runtime.threads)
     amp_dtype = resolve_amp(cfg.runtime.amp, device)
@@ -235,13 +244,6 @@ def _prepare(cfg: Config, device: torch.device):
         num_classes = model(sample).shape[1]
     engine = CamEngine(model, layers, cfg.cam, device, amp_dtype, num_classes=num_classes)
     layer_name = ",".join(layer.name for layer in layers)
-    if cfg.data.format == "demo":
-        root = cfg.data.root or Path(cfg.output.dir) / "demo-data"
-        if dist.is_main():
-            ensure_demo_shards(root, cfg.data.demo_images)
-        dist.barrier()
-        cfg.data.shards = ensure_demo_shards(root, cfg.data.demo_images)
-    shards = list_shards(cfg.data)
     if cfg.model.source in ("timm", "huggingface"):  # the model's recipe, not the familiar ImageNet one
         log.info("preprocessing: resize %d, crop %d, %s, mean %s, std %s (defaults from %s)", cfg.data.resize,
                  cfg.data.crop, cfg.data.interpolation, _rounded(cfg.data.mean), _rounded(cfg.data.std),
@@ -258,6 +260,7 @@ def run(cfg: Config, resolved: dict | None = None) -> Summary:
     dist.init(device, cfg.runtime.dist_timeout_minutes)
     lock = None
     try:
+        cfg.data.check_settings_used()
         check_output_dir(output_dir)
         channels_last, engine, layer_name, shards = _prepare(cfg, device)
         lock = hold_output(output_dir, cfg.output.overwrite)
@@ -278,7 +281,7 @@ def run(cfg: Config, resolved: dict | None = None) -> Summary:
         todo = [unit for unit in mine if unit.unit_id not in done]
         if len(todo) < len(mine):
             log.info("resuming: %d of %d units already complete", len(mine) - len(todo), len(mine))
-        if cfg.model.source == "torchvision" and cfg.model.weights is None:
+        if cfg.model.source in ("torchvision", "timm") and cfg.model.weights is None:
             log.warning("model.weights=null: %s has random weights (seed %d); its maps explain nothing real",
                         cfg.model.name, cfg.model.seed)
         local = _process(cfg, resolved, device, channels_last, engine, layer_name, todo, clock)

@@ -5,4 +5,6 @@
 CALLER="$PWD"
 source "$(dirname "$0")/_bootstrap.sh"  # works in the checkout (sets ROOT)
 cd "$CALLER"
-exec "$ROOT/.venv/bin/gradcam-batch" "$@"
+# Not exec: the tool runs as a process of its own, so its "first batch ... after process start"
+# counts its own start-up, not the set-up above (the first pip install takes minutes).
+"$ROOT/.venv/bin/gradcam-batch" "$@"

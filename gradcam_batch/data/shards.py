@@ -71,14 +71,62 @@ def _inside(path: str, folder: str) -> bool:
     return os.path.commonpath([path, folder]) == folder
 
 
+def _split_top_level(text: str, separator: str = ",") -> list[str]:
+    """`text` cut at each separator that is outside braces."""
+    parts, depth, start = [], 0, 0
+    for index, char in enumerate(text):
+        if char == "{":
+            depth += 1
+        elif char == "}" and depth:
+            depth -= 1
+        elif char == separator and not depth:
+            parts.append(text[start:index])
+            start = index + 1
+    return parts + [text[start:]]
+
+
+_RANGE = re.compile(r"(-?\d+)\.\.(-?\d+)")
+
+
+def expand_braces(pattern: str) -> list[str]:
+    """WebDataset's shard notation, as the shell and the `braceexpand` package read it:
+    `shard-{0000..0003}.tar` (a range, zero-padded to its endpoints' width) and `{train,val}-*.tar`
+    (alternatives), nested and repeated. Unbalanced braces are left as they are."""
+    opening = pattern.find("{")
+    while opening >= 0:
+        depth = 0
+        for closing in range(opening, len(pattern)):
+            depth += {"{": 1, "}": -1}.get(pattern[closing], 0)
+            if depth == 0:
+                break
+        else:
+            return [pattern]  # unbalanced: a literal brace
+        body, head, tail = pattern[opening + 1:closing], pattern[:opening], pattern[closing + 1:]
+        numbers = _RANGE.fullmatch(body)
+        if numbers:
+            first, last = numbers.groups()
+            width = max(len(first), len(last)) if first.lstrip("-").startswith("0") or last.lstrip("-").startswith("0") else 0
+            low, high = int(first), int(last)
+            step = 1 if high >= low else -1
+            choices = [str(value).zfill(width) for value in range(low, high + step, step)]
+        else:
+            choices = _split_top_level(body)
+            if len(choices) < 2:  # `{x}` is no alternative: keep it and look further on
+                opening = pattern.find("{", opening + 1)
+                continue
+        return [expanded for choice in choices for expanded in expand_braces(head + choice + tail)]
+    return [pattern]
+
+
 def _expand_globs(pattern: str, what: str) -> list[str]:
     """The files the globs match, sorted, each file once: a file matched twice (two globs, a
     link and its target, `./x.tar` and `x.tar`, hard links) would be read twice and its rows
-    written twice or over each other. The path kept for a file is its first that is not a link."""
+    written twice or over each other. The path kept for a file is its first that is not a link.
+    Braces expand first (`shard-{0000..0099}.tar`), then each path is a glob."""
     paths: list[str] = []
-    for part in (p.strip() for p in pattern.split(",")):
-        if part:
-            paths.extend(p for p in glob.glob(os.path.expanduser(part)) if os.path.isfile(p))
+    for part in (p.strip() for p in _split_top_level(pattern)):
+        for expanded in expand_braces(part) if part else []:
+            paths.extend(p for p in glob.glob(os.path.expanduser(expanded)) if os.path.isfile(p))
     if not paths:
         raise UserError(f"data.shards={pattern!r} matches no file; check the path and quote the glob "
                         f"(e.g. data.shards='DIR/*.{what}')")
