@@ -51,3 +51,37 @@ def test_python_block_runs(output, monkeypatch):
     exec(dashboard_blocks("python")[0], scope)
     assert scope["cam"].ndim == 2 and scope["same"].ndim == 2
     assert scope["cam"].shape == (scope["first"]["cam_height"], scope["first"]["cam_width"])
+
+
+@pytest.fixture(scope="module")
+def layered_output(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("layered")
+    make_boxed_webdataset(folder / "shard.tar", count=6)
+    run_composed(*TINY_RESNET, "data=webdataset", f"data.shards={folder / 'shard.tar'}",
+                 "model.target_layer=[layer3,layer4]", "cam.fuse=mean", f"output.dir={folder / 'gradcam-out'}")
+    return folder
+
+
+def test_queries_keep_the_layers_of_a_several_layer_output_apart(layered_output, monkeypatch):
+    duckdb = pytest.importorskip("duckdb")
+    import pyarrow.dataset as ds
+
+    monkeypatch.chdir(layered_output)
+    table = ds.dataset("gradcam-out/cams", format="parquet").to_table().to_pylist()
+    layers = {row["layer"] for row in table}
+    assert layers == {"layer3", "layer4", "mean(layer3,layer4)"}
+    per_class = duckdb.sql(dashboard_blocks("sql")[0]).fetchall()
+    # one row per (layer, class), each counting that layer's rank-0 maps only
+    want = {}
+    for row in table:
+        if row["target_rank"] == 0:
+            key = (row["layer"], row["target_class"])
+            want[key] = want.get(key, 0) + 1
+    assert {(layer, target): maps for layer, target, maps, *_ in per_class} == want
+    for index in (1, 2):
+        listed = duckdb.sql(dashboard_blocks("sql")[index]).fetchall()
+        by_layer = {}
+        for layer, sample_id, *_ in listed:
+            by_layer.setdefault(layer, []).append(sample_id)
+        # within a layer no image is listed twice (the layers' rows are not mixed into one list)
+        assert all(len(ids) == len(set(ids)) for ids in by_layer.values()), by_layer
