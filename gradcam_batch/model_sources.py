@@ -149,31 +149,76 @@ def huggingface_model(cfg: ModelConfig) -> tuple[nn.Module, Preprocessing]:
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
     kwargs = {} if cfg.num_classes is None else {"num_labels": cfg.num_classes, "ignore_mismatched_sizes": True}
+    _refuse_custom_code(cfg.name)
     try:
         with _offline():
+            # trust_remote_code=False: transformers raises instead of asking on stdin whether to run
+            # the folder's own Python (a `y` piped in would run it)
             model, loading = transformers.AutoModelForImageClassification.from_pretrained(
-                cfg.name, local_files_only=True, output_loading_info=True, **kwargs)
+                cfg.name, local_files_only=True, output_loading_info=True, trust_remote_code=False, **kwargs)
     except (OSError, ValueError, KeyError) as error:
+        _refuse_custom_code(cfg.name, error)
         where = "folder" if os.path.isdir(cfg.name) else "local folder, nor a model in the Hugging Face cache"
         raise UserError(f"model.name={cfg.name!r} is not an image-classification model's {where} "
                         f"({str(error).splitlines()[0][:200]}); nothing is downloaded: save the model with "
                         "save_pretrained or fetch it once with network access") from error
+    if getattr(model.config, "auto_map", None):  # a cached hub id: loaded with the built-in class, still refused
+        _refuse_custom_code(cfg.name, ValueError("custom code"))
     _warn_random_weights(cfg.name, loading)
     model.register_forward_hook(_logits_only)
     return model, _processor_recipe(transformers, cfg.name)
 
 
+_CUSTOM_CODE_FILES = ("config.json", "preprocessor_config.json", "processor_config.json", "image_processor_config.json")
+
+
+def _refuse_custom_code(name: str, error: Exception | None = None) -> None:
+    """gradcam-batch never runs a model folder's own Python. A local folder is checked before
+    transformers reads it; a cached hub id is refused from transformers' own error."""
+    if error is not None:
+        if "trust_remote_code" in str(error) or "custom code" in str(error):
+            raise UserError(f"model.name={name!r} ships its own Python code (auto_map), which gradcam-batch never "
+                            "runs; use a model whose architecture transformers has built in") from error
+        return
+    if not os.path.isdir(name):
+        return
+    import json
+
+    for file in _CUSTOM_CODE_FILES:
+        path = os.path.join(name, file)
+        if not os.path.isfile(path) or os.path.getsize(path) > 16 * 2**20:
+            continue
+        try:
+            with open(path, encoding="utf-8") as handle:
+                config = json.load(handle)
+        except (OSError, ValueError):
+            continue  # transformers says what is wrong with it
+        if isinstance(config, dict) and config.get("auto_map"):
+            raise UserError(f"model.name={name!r}: {file} names its own Python classes (auto_map), code that "
+                            "gradcam-batch never runs; use a model whose architecture transformers has built in")
+
+
 def _warn_random_weights(name: str, loading: dict) -> None:
-    """transformers initializes at random what the folder lacks (a new head, a folder of another
-    architecture's weights) and says so only in its own log, which is silenced above."""
-    missing = list(loading.get("missing_keys") or [])
+    """transformers fills what the folder lacks with random values and says so only in its own
+    log, which is silenced above. Weights that do not fit the model (missing or unexpected keys: a
+    base model without its classifier, another architecture's weights) are refused, as a
+    torchvision state_dict that does not fit; a head resized by model.num_classes is warned about."""
+    missing = [str(key) for key in loading.get("missing_keys") or []]
+    unexpected = [str(key) for key in loading.get("unexpected_keys") or []]
+    problems = []
+    for label, keys in (("missing", missing), ("unexpected", unexpected)):
+        if keys:
+            more = f" and {len(keys) - 3} more" if len(keys) > 3 else ""
+            problems.append(f"{len(keys)} {label}: {', '.join(keys[:3])}{more}")
+    if problems:
+        raise UserError(f"model.name={name!r}: the folder's weights do not fit its model ({'; '.join(problems)}); "
+                        "the rest would run on random values: save the whole classifier with save_pretrained")
     mismatched = [str(item[0]) if isinstance(item, (tuple, list)) else str(item)
                   for item in loading.get("mismatched_keys") or []]
-    fresh = missing + mismatched
-    if fresh:
-        log.warning("model.name=%s: %d weights are not in the folder and have random values (%s%s); "
-                    "maps of those parts explain nothing real", name, len(fresh), ", ".join(fresh[:3]),
-                    f" and {len(fresh) - 3} more" if len(fresh) > 3 else "")
+    if mismatched:
+        log.warning("model.name=%s: %d weights do not fit model.num_classes and have random values (%s%s); "
+                    "maps of a random head explain nothing real", name, len(mismatched), ", ".join(mismatched[:3]),
+                    f" and {len(mismatched) - 3} more" if len(mismatched) > 3 else "")
 
 
 def _size_value(size, *keys):
@@ -187,8 +232,10 @@ def _size_value(size, *keys):
 def _processor_recipe(transformers, name: str) -> Preprocessing:
     try:
         with _offline():
-            processor = transformers.AutoImageProcessor.from_pretrained(name, local_files_only=True)
+            processor = transformers.AutoImageProcessor.from_pretrained(name, local_files_only=True,
+                                                                         trust_remote_code=False)
     except (OSError, ValueError, KeyError) as error:
+        _refuse_custom_code(name, error)
         log.warning("model.name=%s has no image processor (%s); using torchvision's ImageNet recipe",
                     name, str(error).splitlines()[0][:120])
         return Preprocessing()
