@@ -18,9 +18,28 @@ TINY_RESNET = ["model=torchvision", "model.name=resnet18", "data.resize=64", "da
                "data.num_workers=0", "runtime.progress=false"]
 
 
-def run_cli(*overrides: str, cwd: Path | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
+def merged(*overrides: str) -> list[str]:
+    """The overrides with each key once, the last value winning: tests start from TINY_RESNET and
+    change some of its settings, while the command line refuses a key given twice."""
+    last = {}
+    for index, token in enumerate(overrides):
+        key = token.split("=", 1)[0] if "=" in token and not token.startswith("-") else f"#{index}"
+        last[key] = token
+    seen, kept = set(), []
+    for index, token in enumerate(overrides):
+        key = token.split("=", 1)[0] if "=" in token and not token.startswith("-") else f"#{index}"
+        if key not in seen:
+            seen.add(key)
+            kept.append(last[key])
+    return kept
+
+
+def run_cli(*overrides: str, cwd: Path | None = None, timeout: int = 300,
+            as_typed: bool = False) -> subprocess.CompletedProcess:
+    """`as_typed`: pass repeated keys through, as a user's shell would."""
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-    return subprocess.run([sys.executable, "-m", "gradcam_batch", *overrides], cwd=cwd, env=env,
+    arguments = list(overrides) if as_typed else merged(*overrides)
+    return subprocess.run([sys.executable, "-m", "gradcam_batch", *arguments], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=timeout)
 
 
@@ -28,7 +47,7 @@ def run_composed(*overrides: str):
     from gradcam_batch import pipeline
 
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base=None):
-        cfg = compose(config_name="config", overrides=list(overrides))
+        cfg = compose(config_name="config", overrides=merged(*overrides))
     return pipeline.run(OmegaConf.to_object(cfg), OmegaConf.to_container(cfg, resolve=True))
 
 
@@ -55,7 +74,7 @@ def start_ranks(log_dir: Path, *overrides: str, world_size: int = 2, env: dict |
     for rank in range(world_size):
         with open(log_dir / f"rank{rank}.out", "w") as out, open(log_dir / f"rank{rank}.err", "w") as err:
             processes.append(subprocess.Popen(
-                [sys.executable, "-m", "gradcam_batch", *overrides], stdout=out, stderr=err,
+                [sys.executable, "-m", "gradcam_batch", *merged(*overrides)], stdout=out, stderr=err,
                 env={**base, "RANK": str(rank), "LOCAL_RANK": str(rank)}))
     return processes
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from cli_helpers import TINY_RESNET, read_cams, run_cli
+from cli_helpers import TINY_RESNET, merged, read_cams, run_cli
 from sample_data import make_imagefolder
 
 ENV = {**os.environ, "PYTHONWARNINGS": "ignore"}
@@ -29,9 +29,9 @@ def assert_visible_parts_are_whole(out: Path):
 def test_kill_nine_at_random_moments_then_resume_exactly_once(tmp_path):
     expected = make_imagefolder(tmp_path / "data", per_class=(90, 90))
     out = tmp_path / "out"
-    args = [sys.executable, "-m", "gradcam_batch", *TINY_RESNET, "data=imagefolder",
+    args = [sys.executable, "-m", "gradcam_batch", *merged(*TINY_RESNET, "data=imagefolder",
             f"data.root={tmp_path / 'data'}", "data.shard_size=9", "data.batch_size=3", "data.num_workers=1",
-            "data.resize=96", "data.crop=96", f"output.dir={out}"]
+            "data.resize=96", "data.crop=96", f"output.dir={out}")]
     rng = random.Random(1234)
     progress = []
     # one kill during start-up, then kills after 3, 8 and 14 of the 20 shards plus a random delay,

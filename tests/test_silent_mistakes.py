@@ -105,13 +105,14 @@ def test_a_key_given_twice_is_refused_in_one_line(tmp_path):
     make_webdataset(tmp_path / "d", shards=4, per_shard=2)
     # what bash makes of an unquoted data.shards=/d/shard-{0000..0003}.tar
     shards = [f"data.shards={tmp_path}/d/shard-{index:04d}.tar" for index in range(4)]
-    result = run_cli(*TINY_RESNET, "data=webdataset", *shards, f"output.dir={tmp_path / 'out'}")
+    result = run_cli(*TINY_RESNET, "data=webdataset", *shards, f"output.dir={tmp_path / 'out'}", as_typed=True)
     assert result.returncode == 2
     assert len(result.stderr.strip().splitlines()) == 1, result.stderr
     assert "data.shards is given 4 times" in last_line(result)
     assert f"data.shards='{tmp_path}/d/shard-{{0000..0003}}.tar'" in last_line(result)
     assert not (tmp_path / "out").exists()
-    twice = run_cli(*TINY_RESNET, "cam.method=gradcam", "cam.method=layercam", f"output.dir={tmp_path / 'out'}")
+    twice = run_cli(*TINY_RESNET, "cam.method=gradcam", "cam.method=layercam", f"output.dir={tmp_path / 'out'}",
+                    as_typed=True)
     assert twice.returncode == 2 and "cam.method is given 2 times" in last_line(twice)
 
 

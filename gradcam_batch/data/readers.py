@@ -5,7 +5,10 @@ workers and device decoders.
 Input is hostile until read. Every record leaves a reader as exactly one RawSample, a payload or
 an error, and a bad record is its own error row, never its shard's (the rules are in
 `records`); files that are not regular files, or that are larger than data.max_bytes, are
-refused before their data is read. The tar reader lives in `webdataset`."""
+refused before their data is read. ImageFolder files and the image files that Parquet cells
+name by path (`datasets` writes struct<bytes: null, path>) follow one set of rules: only
+regular files, only inside their root (data.root; the Parquet file's folder) unless
+data.follow_links=true. The tar reader lives in `webdataset`."""
 
 from __future__ import annotations
 
@@ -14,10 +17,10 @@ import stat
 from typing import Iterator, Optional
 
 from gradcam_batch.config import DataConfig
-from gradcam_batch.data.shards import Shard
+from gradcam_batch.data.shards import Shard, _inside
 from gradcam_batch.data.units import Unit, as_unit
-from gradcam_batch.data.records import (LABEL_RULE, LinkOutsideRoot, NotRegularFile, RawSample, TooLarge,
-                                        _describe_parquet_error, _file_system_words, _label_from_number,
+from gradcam_batch.data.records import (LABEL_RULE, LinkOutsideRoot, NotRegularFile, PathOutsideRoot, RawSample,
+                                        TooLarge, _describe_parquet_error, _file_system_words, _label_from_number,
                                         _label_from_string, printable)
 from gradcam_batch.data.webdataset import _webdataset
 
@@ -34,26 +37,30 @@ def _file_kind(mode: int) -> str:
 
 
 def _read_regular_file(path: str, root_real: str, cfg: DataConfig) -> bytes:
-    """The bytes of a regular file of at most data.max_bytes. The type and size are checked
-    before the file is opened (opening a FIFO waits for a writer; /dev/zero never ends) and
-    again on the open descriptor, in case the name was swapped in between."""
-    if not cfg.follow_links:
-        real = os.path.realpath(path)
-        if os.path.commonpath([real, root_real]) != root_real:
-            raise LinkOutsideRoot("the file is a link that leads outside data.root; set data.follow_links=true "
-                                  "to read such files")
-    _check_regular(os.stat(path), cfg.max_bytes)
+    """The bytes of an ImageFolder file: inside data.root unless data.follow_links, then as
+    `_read_file` reads it."""
+    if not cfg.follow_links and not _inside(os.path.realpath(path), root_real):
+        raise LinkOutsideRoot("the file is a link that leads outside data.root; set data.follow_links=true "
+                              "to read such files")
+    return _read_file(path, cfg.max_bytes)
+
+
+def _read_file(path: str, max_bytes: int) -> bytes:
+    """The bytes of a regular file of at most max_bytes. The type and size are checked before
+    the file is opened (opening a FIFO waits for a writer; /dev/zero never ends) and again on
+    the open descriptor, in case the name was swapped in between."""
+    _check_regular(os.stat(path), max_bytes)
     flags = os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOCTTY", 0)
     with open(os.open(path, flags), "rb") as handle:
         size = os.fstat(handle.fileno())
-        _check_regular(size, cfg.max_bytes)
+        _check_regular(size, max_bytes)
         # read(max_bytes + 1) would allocate that whole buffer for every file: read what the
         # file holds, plus one byte to see it grew past the limit since fstat
-        payload = handle.read(min(size.st_size, cfg.max_bytes) + 1)
-        while len(payload) <= cfg.max_bytes and (more := handle.read(min(1 << 20, cfg.max_bytes + 1 - len(payload)))):
+        payload = handle.read(min(size.st_size, max_bytes) + 1)
+        while len(payload) <= max_bytes and (more := handle.read(min(1 << 20, max_bytes + 1 - len(payload)))):
             payload += more
-    if len(payload) > cfg.max_bytes:
-        raise TooLarge(f"the file grew past data.max_bytes={cfg.max_bytes} while it was read")
+    if len(payload) > max_bytes:
+        raise TooLarge(f"the file grew past data.max_bytes={max_bytes} while it was read")
     return payload
 
 
@@ -89,28 +96,43 @@ def _is_binary(kind) -> bool:
             or pa.types.is_binary_view(kind))
 
 
-def _image_source(schema, name: str) -> tuple[Optional[str], Optional[str]]:
-    """(how the image column holds encoded images: "binary", "struct" or "null"; or the problem
-    that makes every row an error row). Strings, integers and lists hold no encoded image:
-    bytes() of an integer n would allocate n zero bytes."""
+def _is_text(kind) -> bool:
+    import pyarrow as pa
+
+    if pa.types.is_dictionary(kind):
+        kind = kind.value_type
+    return (pa.types.is_string(kind) or pa.types.is_large_string(kind) or pa.types.is_string_view(kind)
+            or _is_binary(kind))
+
+
+def _image_source(schema, name: str) -> tuple[Optional[str], bool, Optional[str]]:
+    """(how the image column holds images: "binary", "struct" or "null"; whether its structs
+    name image files in a `path` field, as `datasets` writes images it read from local files;
+    or the problem that makes every row an error row). Strings, integers and lists hold no
+    encoded image: bytes() of an integer n would allocate n zero bytes."""
     import pyarrow as pa
 
     found = schema.get_all_field_indices(name)
     if len(found) != 1:
-        return None, f"this file has {len(found)} columns named {name!r} (data.image_column); expected one"
+        return None, False, f"this file has {len(found)} columns named {name!r} (data.image_column); expected one"
     kind = schema.field(found[0]).type
     if pa.types.is_dictionary(kind):
         kind = kind.value_type
     if _is_binary(kind):
-        return "binary", None
+        return "binary", False, None
     if pa.types.is_null(kind):
-        return "null", None
-    if pa.types.is_struct(kind) and kind.get_field_index("bytes") >= 0:
-        inner = kind.field(kind.get_field_index("bytes")).type
-        if _is_binary(inner) or pa.types.is_null(inner):
-            return "struct", None
-    return None, (f"image column {name!r} has type {kind}; encoded images are binary or struct<bytes: binary> "
-                  "(data.image_column)")
+        return "null", False, None
+    if pa.types.is_struct(kind):
+        bytes_index, path_index = kind.get_field_index("bytes"), kind.get_field_index("path")
+        has_path = path_index >= 0 and _is_text(kind.field(path_index).type)
+        if bytes_index >= 0:
+            inner = kind.field(bytes_index).type
+            if _is_binary(inner) or pa.types.is_null(inner):
+                return "struct", has_path, None
+        elif has_path:
+            return "struct", True, None
+    return None, False, (f"image column {name!r} has type {kind}; images are binary, struct<bytes: binary> or "
+                         "struct<bytes, path: string> (data.image_column)")
 
 
 def _image_cells(column, source: str):
@@ -121,12 +143,69 @@ def _image_cells(column, source: str):
     if pa.types.is_dictionary(column.type):
         column = column.dictionary_decode()
     if source == "struct":
+        if column.type.get_field_index("bytes") < 0:
+            return None
         column = pc.struct_field(column, "bytes")  # null where the struct itself is null
     if pa.types.is_null(column.type):
         return None
     if pa.types.is_binary_view(column.type):
         column = column.cast(pa.large_binary())  # binary_length has no kernel for views
     return column
+
+
+def _path_cells(column):
+    """The struct column's image paths as a large_binary array (null where a row has none):
+    bytes, so that a name that is not UTF-8 reaches the file system as it is."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    if pa.types.is_dictionary(column.type):
+        column = column.dictionary_decode()
+    paths = pc.struct_field(column, "path")
+    if pa.types.is_dictionary(paths.type):
+        paths = paths.dictionary_decode()
+    return paths.cast(pa.large_binary())
+
+
+MAX_PATH_BYTES = 4096
+"""Longest image path read from a Parquet cell (Linux's PATH_MAX); a longer cell is refused
+before it is copied out of its batch."""
+_EMBED_HINT = ("or embed the images in the Parquet file (datasets: apply datasets.table.embed_table_storage "
+               "to the table before writing it)")
+
+
+def _shown(path: str) -> str:
+    """A path in a message: one line of valid UTF-8 (repr escapes control characters and the
+    surrogates that stand for bytes that are not UTF-8), at most a few hundred characters."""
+    return repr(path) if len(path) <= 300 else f"{path[:300]!r}..."
+
+
+def _read_image_path(raw: bytes, folder: str, folder_real: str, cfg: DataConfig) -> tuple[Optional[bytes],
+                                                                                          Optional[tuple[str, str]]]:
+    """(the bytes of the image file a Parquet cell names, None), or (None, (error type, message)).
+    A relative path is read from the Parquet file's folder. As for ImageFolder files, a path
+    that resolves outside that folder (`..`, an absolute path elsewhere, a link) is refused
+    unless data.follow_links=true, and only regular files of at most data.max_bytes are read."""
+    name = os.fsdecode(raw)
+    path = os.path.join(folder, name)
+    where = _shown(os.path.normpath(path))
+    try:
+        if "\0" in name:
+            raise ValueError("it holds a NUL byte, which no file name can")
+        if not cfg.follow_links and not _inside(os.path.realpath(path), folder_real):
+            raise PathOutsideRoot(f"it leads outside the Parquet file's folder {_shown(os.path.abspath(folder))}; "
+                                  f"set data.follow_links=true to read images outside it, {_EMBED_HINT}")
+        return _read_file(path, cfg.max_bytes), None
+    except (ValueError, NotRegularFile, TooLarge, PathOutsideRoot) as error:
+        kind, message = type(error).__name__, str(error)
+    except (FileNotFoundError, NotADirectoryError) as error:
+        kind = type(error).__name__
+        message = (f"{error.strerror}: {where}; relative paths are read from the Parquet file's folder: "
+                   f"put the image there, {_EMBED_HINT}")
+    except OSError as error:  # permissions, a loop of links: the file system's words, never the file's
+        kind = type(error).__name__
+        message = f"{error.strerror or kind}: {where}"
+    return None, (kind, f"image path {_shown(name)}: {message}")
 
 
 def _parquet_labels(column) -> list[tuple[int, Optional[str]]]:
@@ -158,8 +237,9 @@ def _single_column(schema, name: Optional[str]) -> Optional[str]:
 
 def _parquet(unit: Unit, cfg: DataConfig) -> Iterator[RawSample]:
     """One RawSample per row. A row whose label is no label, or whose image cell is empty or
-    larger than data.max_bytes, is that row's error row; an image column of a type that holds
-    no encoded images makes every row an error row; only damage to the file itself ends it."""
+    larger than data.max_bytes, or names an image file that is refused or cannot be read
+    (`_read_image_path`), is that row's error row; an image column of a type that holds no
+    images makes every row an error row; only damage to the file itself ends it."""
     import pyarrow as pa
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
@@ -171,17 +251,22 @@ def _parquet(unit: Unit, cfg: DataConfig) -> Iterator[RawSample]:
         with pa.OSFile(os.fsencode(unit.shard.path)) as source_file:
             file = pq.ParquetFile(source_file)
             schema = file.schema_arrow
-            source, image_problem = _image_source(schema, cfg.image_column)
+            source, has_paths, image_problem = _image_source(schema, cfg.image_column)
             label_column = _single_column(schema, cfg.label_column)
             id_column = _single_column(schema, cfg.id_column)
             boxes_column = _single_column(schema, getattr(cfg, "boxes_column", None))
             image_column = cfg.image_column if source in ("binary", "struct") else None
             columns = [column for column in (image_column, label_column, id_column, boxes_column) if column]
+            # image paths are read from the folder the file was listed in, as data.root is
+            folder = os.path.dirname(unit.shard.path) or os.curdir
+            folder_real = os.path.realpath(folder)
             row = unit.start  # default ids number rows from the file's start, whichever slice reads them
             for batch in file.iter_batches(batch_size=256, columns=columns, row_groups=unit.row_groups):
                 count = batch.num_rows
                 cells = _image_cells(batch.column(image_column), source) if image_column else None
                 sizes = pc.binary_length(cells).to_pylist() if cells is not None else [None] * count
+                paths = _path_cells(batch.column(image_column)) if has_paths else None
+                path_sizes = pc.binary_length(paths).to_pylist() if paths is not None else [None] * count
                 labels = _parquet_labels(batch.column(label_column)) if label_column else [(-1, None)] * count
                 ids = batch.column(id_column).to_pylist() if id_column else [None] * count
                 boxes = batch.column(boxes_column).to_pylist() if boxes_column else [None] * count
@@ -189,22 +274,31 @@ def _parquet(unit: Unit, cfg: DataConfig) -> Iterator[RawSample]:
                     sample_id = _parquet_id(ids[index]) if ids[index] is not None else f"{stem}/{row}"
                     row += 1
                     label, label_problem = labels[index]
-                    size = sizes[index]
+                    size, path_size = sizes[index], path_sizes[index]
+                    payload = None
                     if image_problem is not None:
                         error = ("UnsupportedImageColumn", image_problem)
                     elif label_problem is not None:
                         error = ("ValueError", label_problem)
-                    elif not size:
-                        error = ("MissingImage", "empty image cell")
-                    elif size > cfg.max_bytes:
-                        error = ("TooLarge", f"the image cell holds {size} bytes, more than "
-                                             f"data.max_bytes={cfg.max_bytes}")
+                    elif size:  # a cell with both bytes and a path is read from its bytes
+                        if size > cfg.max_bytes:
+                            error = ("TooLarge", f"the image cell holds {size} bytes, more than "
+                                                 f"data.max_bytes={cfg.max_bytes}")
+                        else:
+                            payload = cells[index].as_py()  # one cell at a time, not the batch
+                    elif path_size and path_size > MAX_PATH_BYTES:
+                        error = ("ValueError", f"the image path holds {path_size} bytes, more than a file path "
+                                               f"can ({MAX_PATH_BYTES})")
+                    elif path_size:
+                        payload, error = _read_image_path(paths[index].as_py(), folder, folder_real, cfg)
                     else:
+                        error = ("MissingImage", "empty image cell (no bytes and no path)" if has_paths
+                                 else "empty image cell")
+                    if payload is not None:
                         meta = {"boxes": boxes[index]} if boxes[index] is not None else None
-                        # one cell at a time, not the batch
-                        yield RawSample(sample_id, label, cells[index].as_py(), meta=meta)
-                        continue
-                    yield RawSample(sample_id, label, None, error=("read", *error))
+                        yield RawSample(sample_id, label, payload, meta=meta)
+                    else:
+                        yield RawSample(sample_id, label, None, error=("read", *error))
     except (OSError, ValueError, pa.ArrowException) as error:  # pyarrow: ArrowInvalid is a ValueError
         yield RawSample(f"{unit.unit_id}/<parquet>", -1, None,
                         error=("read", type(error).__name__, _describe_parquet_error(error)))

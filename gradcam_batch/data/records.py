@@ -127,6 +127,11 @@ class LinkOutsideRoot(OSError):
     """A link that leads out of data.root while data.follow_links is false."""
 
 
+class PathOutsideRoot(OSError):
+    """An image path in a Parquet cell that leads out of the Parquet file's folder (`..`, an
+    absolute path elsewhere, a link) while data.follow_links is false."""
+
+
 class TooLarge(OSError):
     """A file larger than data.max_bytes."""
 
