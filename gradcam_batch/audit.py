@@ -9,12 +9,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass, fields
 
+import numpy as np
 import torch
 
 from gradcam_batch.config import Config
 from gradcam_batch.data.prefetch import Preprocess
 from gradcam_batch.engine import CamEngine, CamResult
-from gradcam_batch.statistics import box_metrics, upsample
+from gradcam_batch.statistics import box_metrics, empty_maps, upsample
 
 # Rows of this many images at once through the crop-sized box masks: (chunk, K, S, S) floats
 BOX_CHUNK = 64
@@ -22,7 +23,9 @@ BOX_CHUNK = 64
 
 @dataclass
 class RowExtras:
-    box_known: torch.Tensor | None = None  # bool (B,): the sample has boxes
+    map_empty: torch.Tensor | None = None  # bool (B, K): the map is all zero (no box metrics, counted in the summary)
+    box_known: torch.Tensor | None = None  # bool (B,): the sample has boxes with area in the crop
+    box_outside_crop: torch.Tensor | None = None  # bool (B,): it had boxes, all outside the crop
     pointing_hit: torch.Tensor | None = None  # bool (B, K)
     box_energy: torch.Tensor | None = None  # float32 (B, K)
     box_iou: torch.Tensor | None = None  # float32 (B, K)
@@ -78,13 +81,14 @@ def row_extras(cfg: Config, result: CamResult, images: torch.Tensor, boxes: torc
     boxes = boxes.to(images.device, non_blocking=True) if has_boxes else None
     extras = []
     for maps in result.layers:
-        extra = RowExtras()
+        extra = RowExtras(map_empty=empty_maps(maps.cams))
         if boxes is not None:
             parts = [box_metrics(maps.cams[start:start + BOX_CHUNK], maps.peak[start:start + BOX_CHUNK],
                                  boxes[start:start + BOX_CHUNK], crop, cfg.metrics.threshold)
                      for start in range(0, maps.cams.shape[0], BOX_CHUNK)]
             joined = {key: torch.cat([part[key] for part in parts]) for key in parts[0]}
             extra.box_known, extra.pointing_hit = joined["known"], joined["pointing_hit"]
+            extra.box_outside_crop = joined["outside_crop"]
             extra.box_energy, extra.box_iou = joined["box_energy"], joined["box_iou"]
         size = resized_size(cfg.output.cam_size, crop, tuple(maps.cams.shape[-2:]))
         if size is not None:
@@ -104,13 +108,24 @@ def row_extras(cfg: Config, result: CamResult, images: torch.Tensor, boxes: torc
     return extras
 
 
-def localization_sums(extras: RowExtras) -> tuple[int, int, float, float]:
-    """Over the rank-0 maps of the samples with boxes: pointing-game hits, maps, and the sums of
-    box energy and box IoU (host arrays of one layer's extras)."""
+def localization_sums(extras: RowExtras) -> dict:
+    """What the summary's pointing game adds up, from one layer's extras (host arrays), over the
+    rank-0 map of each sample with boxes: `hits` and `total` (the pointing game), `energy_sum` and
+    `iou_sum` over those maps, which all hold some evidence; `empty`, the boxed maps left out as
+    all zero (a hit or miss of a map with no peak would be noise passed off as a result); and
+    `outside_crop`, the samples whose boxes the crop cut away, left out too."""
+    sums = {"hits": 0, "total": 0, "energy_sum": 0.0, "iou_sum": 0.0, "empty": 0, "outside_crop": 0}
     if extras.box_known is None:
-        return 0, 0, 0.0, 0.0
-    known = extras.box_known.numpy()
-    if not known.any():
-        return 0, 0, 0.0, 0.0
-    return (int(extras.pointing_hit[:, 0].numpy()[known].sum()), int(known.sum()),
-            float(extras.box_energy[:, 0].numpy()[known].sum()), float(extras.box_iou[:, 0].numpy()[known].sum()))
+        return sums
+    boxed = extras.box_known.numpy()
+    empty = extras.map_empty[:, 0].numpy() if extras.map_empty is not None else np.zeros_like(boxed)
+    counted = boxed & ~empty
+    sums["empty"] = int((boxed & empty).sum())
+    if extras.box_outside_crop is not None:
+        sums["outside_crop"] = int(extras.box_outside_crop.numpy().sum())
+    if counted.any():
+        sums["hits"] = int(extras.pointing_hit[:, 0].numpy()[counted].sum())
+        sums["total"] = int(counted.sum())
+        sums["energy_sum"] = float(extras.box_energy[:, 0].numpy()[counted].sum())
+        sums["iou_sum"] = float(extras.box_iou[:, 0].numpy()[counted].sum())
+    return sums

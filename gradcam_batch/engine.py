@@ -80,7 +80,7 @@ class LayerMaps:
     cams: torch.Tensor  # float32 (B, K, H, W)
     cam_mean: torch.Tensor  # float32 (B, K)
     peak: torch.Tensor  # int64 (B, K), flat index of the maximum of each map
-    raw_max: torch.Tensor  # float32 (B, K), the map's maximum after ReLU, before normalization
+    raw_max: torch.Tensor  # float32 (B, K), the map's maximum after ReLU, before normalization (NaN: fused)
     statistics: dict  # name -> float32 (B, K): statistics.map_statistics
 
     @staticmethod
@@ -302,7 +302,12 @@ class CamEngine:
                     for layer, output, grads in zip(self.layers, capture.outputs, gradients)]
             if self.cfg.fuse is not None:
                 name = f"{self.cfg.fuse}({','.join(layer.name for layer in self.layers)})"
-                maps.append(LayerMaps.of(name, fuse_maps([m.cams for m in maps], self.cfg.fuse), normalize))
+                fused = LayerMaps.of(name, fuse_maps([m.cams for m in maps], self.cfg.fuse), normalize)
+                # The fused map combines the layers' (normalized) maps: its maximum is in their
+                # units, not the evidence cam_max_raw stands for, so it is NaN (null); each
+                # layer's own rows hold theirs.
+                fused.raw_max = torch.full_like(fused.raw_max, float("nan"))
+                maps.append(fused)
             scores = logits.gather(1, targets)
             probs = torch.softmax(logits, dim=1).gather(1, targets)
             return CamResult(target_classes=targets, scores=scores, probs=probs, layers=maps,

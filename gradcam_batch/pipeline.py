@@ -26,7 +26,7 @@ from gradcam_batch.data.loader import build_loader
 from gradcam_batch.data.prefetch import DecodeBalance, DevicePrefetcher, Preprocess
 from gradcam_batch.data.shards import Shard, check_output_apart, list_shards
 from gradcam_batch.data.units import Unit, list_units, listing_change, listing_record
-from gradcam_batch.audit import localization_sums, row_extras
+from gradcam_batch.audit import RowExtras, localization_sums, row_extras
 from gradcam_batch.engine import CamEngine
 from gradcam_batch.models import load_model, resolve_target_layers
 from gradcam_batch.summary import Summary, combined_clocks
@@ -193,6 +193,17 @@ def _manifest(cfg: Config, resolved: dict, layer: str, unit_size: int | None, li
             **_metadata(cfg, resolved, layer), "world_size": dist.world_size(), **extra}
 
 
+def _kept_run(manifest: dict | None, units_written: int) -> dict:
+    """A rerun that found every unit complete records its own this_run (0 images, 0 img/s); it
+    keeps the last run that did work as last_run, so the folder still says how fast that was."""
+    if units_written or not manifest:
+        return {}
+    earlier = manifest.get("this_run") or {}
+    if earlier.get("images") or earlier.get("errors"):
+        return {"last_run": earlier}
+    return {"last_run": manifest["last_run"]} if manifest.get("last_run") else {}
+
+
 def _shard_counts(units: list[Unit], counts: dict[str, dict[str, int]]) -> dict[str, dict[str, int]]:
     """Rows and errors per shard, for the shards whose every unit is complete."""
     by_shard: dict[str, list[Unit]] = {}
@@ -220,14 +231,8 @@ def _prepare(cfg: Config, device: torch.device):
     """Everything that can fail on user input, before anything is written."""
     check_output_apart(cfg.data, cfg.output.dir)  # first: it takes a moment, the model takes seconds
     # the data is listed before the model is built: a missing data.root or shard is said at once,
-    # not after seconds of loading weights
-    if cfg.data.format == "demo":
-        root = Path(cfg.output.dir) / "demo-data"  # never outside output.dir
-        if dist.is_main():
-            ensure_demo_shards(root, cfg.data.demo_images)
-        dist.barrier()
-        cfg.data.shards = ensure_demo_shards(root, cfg.data.demo_images)
-    shards = list_shards(cfg.data)
+    # not after seconds of loading weights (the demo's data is generated once the rest is known good)
+    shards = None if cfg.data.format == "demo" else list_shards(cfg.data)
     if cfg.runtime.threads:
         torch.set_num_threads(cfg.runtime.threads)
     amp_dtype = resolve_amp(cfg.runtime.amp, device)
@@ -244,6 +249,12 @@ def _prepare(cfg: Config, device: torch.device):
         num_classes = model(sample).shape[1]
     engine = CamEngine(model, layers, cfg.cam, device, amp_dtype, num_classes=num_classes)
     layer_name = ",".join(layer.name for layer in layers)
+    if shards is None:
+        root = Path(cfg.output.dir) / "demo-data"  # never outside output.dir
+        if dist.is_main():
+            ensure_demo_shards(root, cfg.data.demo_images)
+        dist.barrier()
+        shards = list_shards(cfg.data, files=ensure_demo_shards(root, cfg.data.demo_images))
     if cfg.model.source in ("timm", "huggingface"):  # the model's recipe, not the familiar ImageNet one
         log.info("preprocessing: resize %d, crop %d, %s, mean %s, std %s (defaults from %s)", cfg.data.resize,
                  cfg.data.crop, cfg.data.interpolation, _rounded(cfg.data.mean), _rounded(cfg.data.std),
@@ -281,7 +292,7 @@ def run(cfg: Config, resolved: dict | None = None) -> Summary:
         todo = [unit for unit in mine if unit.unit_id not in done]
         if len(todo) < len(mine):
             log.info("resuming: %d of %d units already complete", len(mine) - len(todo), len(mine))
-        if cfg.model.source in ("torchvision", "timm") and cfg.model.weights is None:
+        if cfg.model.source in ("torchvision", "timm") and cfg.model.weights is None and dist.is_main():
             log.warning("model.weights=null: %s has random weights (seed %d); its maps explain nothing real",
                         cfg.model.name, cfg.model.seed)
         local = _process(cfg, resolved, device, channels_last, engine, layer_name, todo, clock)
@@ -297,7 +308,10 @@ def run(cfg: Config, resolved: dict | None = None) -> Summary:
             pointing_hits=sum(r["pointing_hits"] for r in ranks),
             pointing_total=sum(r["pointing_total"] for r in ranks),
             box_energy_sum=sum(r["box_energy_sum"] for r in ranks), box_iou_sum=sum(r["box_iou_sum"] for r in ranks),
-            **combined_clocks(ranks))
+            pointing_empty=sum(r["pointing_empty"] for r in ranks),
+            boxes_outside_crop=sum(r["boxes_outside_crop"] for r in ranks),
+            zero_maps=sum(r["zero_maps"] for r in ranks), maps_checked=sum(r["rows"] for r in ranks),
+            fuse=cfg.cam.fuse, **combined_clocks(ranks))
         summary.images_per_second = summary.images / summary.seconds if summary.seconds else 0.0
         if dist.is_main():
             counts = counts_on_disk(output_dir, all_ids)
@@ -307,17 +321,25 @@ def run(cfg: Config, resolved: dict | None = None) -> Summary:
             pointing = {"hits": stored_pointing.get("hits", 0) + summary.pointing_hits,
                         "total": stored_pointing.get("total", 0) + summary.pointing_total,
                         "energy_sum": stored_pointing.get("energy_sum", 0.0) + summary.box_energy_sum,
-                        "iou_sum": stored_pointing.get("iou_sum", 0.0) + summary.box_iou_sum}
+                        "iou_sum": stored_pointing.get("iou_sum", 0.0) + summary.box_iou_sum,
+                        "empty": stored_pointing.get("empty", 0) + summary.pointing_empty,
+                        "outside_crop": stored_pointing.get("outside_crop", 0) + summary.boxes_outside_crop}
+            stored_zero = (manifest or {}).get("zero_maps") or {}
+            zero_maps = {"zero": stored_zero.get("zero", 0) + summary.zero_maps,
+                         "maps": stored_zero.get("maps", 0) + summary.maps_checked}
             summary.stored_rows = sum(c["rows"] for c in counts.values())
             summary.stored_errors = sum(c["errors"] for c in counts.values())
             summary.stored_units = len(counts)
             if summary.shards_written == 0:
                 summary.pointing_hits, summary.pointing_total = pointing["hits"], pointing["total"]
                 summary.box_energy_sum, summary.box_iou_sum = pointing["energy_sum"], pointing["iou_sum"]
+                summary.pointing_empty, summary.boxes_outside_crop = pointing["empty"], pointing["outside_crop"]
+                summary.zero_maps, summary.maps_checked = zero_maps["zero"], zero_maps["maps"]
             write_manifest(output_dir, _manifest(
                 cfg, resolved, layer_name, unit_size, listing, "complete" if not missing else "incomplete",
                 shards=_shard_counts(units, counts), units=counts, rows=summary.stored_rows,
-                errors=summary.stored_errors, pointing=pointing,
+                **_kept_run(manifest, summary.shards_written),
+                errors=summary.stored_errors, pointing=pointing, zero_maps=zero_maps,
                 this_run={"images": summary.images, "rows": summary.rows, "errors": summary.errors,
                           "seconds": round(summary.seconds, 3),
                           "images_per_second": round(summary.images_per_second, 2),
@@ -327,6 +349,9 @@ def run(cfg: Config, resolved: dict | None = None) -> Summary:
                           "ranks": [{k: r.get(k) for k in ("images", "errors", "seconds", "seconds_to_first_batch",
                                                            "steady_images_per_second", "input")}
                                     for r in ranks]}))
+            warning = summary.zero_maps_warning()
+            if warning:
+                log.warning(warning)
         dist.barrier("the end of the run (the manifest written)")
         return summary
     finally:
@@ -370,8 +395,8 @@ def _process(cfg: Config, resolved: dict, device, channels_last, engine: CamEngi
     balance = DecodeBalance(share=cfg.data.device_share) if mode == "mixed" else None
     loader = build_loader(todo, cfg.data, pin_memory=device.type == "cuda", device_decode=decoder is not None,
                           balance=balance)
-    images = rows = errors = hits = pointed = 0
-    energy = overlap = 0.0
+    images = rows = errors = zero_maps = 0
+    localization = localization_sums(RowExtras())  # every count at zero
     unit_counts: dict[str, list] = {}  # unit id -> [images, errors, first error] while it is read
     # The prefetcher comes last, so it is the first to stop when the loop ends or fails.
     with ParquetShardWriter(cfg.output.dir, _metadata(cfg, resolved, layer_name),
@@ -388,9 +413,10 @@ def _process(cfg: Config, resolved: dict, device, channels_last, engine: CamEngi
                 extras = [extra.to_host() for extra in row_extras(cfg, result, ready.images, batch.boxes, engine,
                                                                    preprocess)]
                 result = result.to_host()  # one synchronisation for the maps and their extras
-                found = localization_sums(extras[-1])  # the fused maps where there are, else the last layer's
-                hits, pointed = hits + found[0], pointed + found[1]
-                energy, overlap = energy + found[2], overlap + found[3]
+                # the fused maps where there are, else the last layer's (summary.default_layer)
+                for key, value in localization_sums(extras[-1]).items():
+                    localization[key] += value
+                zero_maps += sum(int(extra.map_empty.sum()) for extra in extras)  # every layer's maps
                 rows += result.target_classes.numel() * len(result.layers)
                 images += count
                 out = ShardOutput(batch.shard_id, batch.sample_ids, batch.labels.numpy(),
@@ -419,5 +445,8 @@ def _process(cfg: Config, resolved: dict, device, channels_last, engine: CamEngi
     if balance is not None:
         input_side["balance"] = balance.summary()
     return {"images": images, "rows": rows, "errors": errors, "shards_written": len(todo),
-            "pointing_hits": hits, "pointing_total": pointed, "box_energy_sum": energy, "box_iou_sum": overlap,
+            "pointing_hits": localization["hits"], "pointing_total": localization["total"],
+            "box_energy_sum": localization["energy_sum"], "box_iou_sum": localization["iou_sum"],
+            "pointing_empty": localization["empty"], "boxes_outside_crop": localization["outside_crop"],
+            "zero_maps": zero_maps,
             "input": input_side}

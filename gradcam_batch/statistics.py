@@ -19,7 +19,11 @@ Map coordinates: a map of h x w cells covers the crop fed to the model, cell (i,
   boxes, the energy-based pointing game of Score-CAM) and box_iou (IoU between the map
   thresholded at metrics.threshold and the union of the boxes). Energy and IoU are measured on
   the map upsampled bilinearly to the crop (as the reference implementations overlay it), the
-  boxes rasterized at the crop's pixels.
+  boxes rasterized at the crop's pixels. All three are undefined for an all-zero map, like the
+  statistics: its argmax (cell 0) is no peak, it has no energy, and nothing of it is above the
+  threshold, so a hit, a share or an IoU of 0 would read as a result about a map that holds none.
+  A sample whose boxes all lie outside the crop (clamped to its edge, they keep no area) has no
+  box metrics either; `outside_crop` tells it apart from a sample that never had a box.
 """
 
 from __future__ import annotations
@@ -49,6 +53,12 @@ def _region_masks(height: int, width: int, device) -> tuple[torch.Tensor, torch.
         return near
     border = near_edge(ys)[:, None] | near_edge(xs)[None, :]
     return central, border
+
+
+def empty_maps(cams: torch.Tensor) -> torch.Tensor:
+    """(B, K) bool: the (B, K, h, w) maps with no cell above zero, which hold no evidence (the
+    maps map_statistics gives NaN; a constant map, normalized, is one too)."""
+    return cams.flatten(2).amax(dim=2) <= 0
 
 
 def map_statistics(cams: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -99,12 +109,17 @@ def box_masks(boxes: torch.Tensor, size: int) -> torch.Tensor:
 def box_metrics(cams: torch.Tensor, peak: torch.Tensor, boxes: torch.Tensor, crop: int,
                 threshold: float) -> dict[str, torch.Tensor]:
     """pointing_hit (bool), box_energy and box_iou (float32), each (B, K), for (B, K, h, w) maps
-    with their flat peak index (B, K) and boxes (B, M, 4) in [0, 1] of the crop (NaN: none);
-    `known` (B,) says which samples have a box, the others' values are meaningless."""
+    with their flat peak index (B, K) and boxes (B, M, 4) in [0, 1] of the crop (NaN: none).
+    `known` (B,) says which samples have a box with area in the crop, `empty` (B, K) which maps
+    are all zero: the values of the others are meaningless (box_energy and box_iou NaN, pointing_hit
+    False for an empty map). `outside_crop` (B,): the sample had boxes, none with area in the crop."""
     height, width = cams.shape[-2:]
-    valid = ~torch.isnan(boxes).any(dim=-1) & (boxes[..., 2] > boxes[..., 0]) & (boxes[..., 3] > boxes[..., 1])
+    given = ~torch.isnan(boxes).any(dim=-1)
+    # the data side clamps a box to the crop: one the crop cut away is left with no width or height
+    valid = given & (boxes[..., 2] > boxes[..., 0]) & (boxes[..., 3] > boxes[..., 1])
     boxes = torch.where(valid[..., None], boxes, torch.full_like(boxes, float("nan")))
     known = valid.any(dim=1)
+    empty = empty_maps(cams)
     # pointing game: the peak cell's centre, half a cell of slack
     y = ((peak // width).float() + 0.5) / height
     x = ((peak % width).float() + 0.5) / width
@@ -115,10 +130,12 @@ def box_metrics(cams: torch.Tensor, peak: torch.Tensor, boxes: torch.Tensor, cro
     inside = box_masks(boxes, crop)[:, None].float()  # (B, 1, S, S)
     maps = upsample(cams, (crop, crop)).clamp_min(0)
     total = maps.sum(dim=(-2, -1))
+    nan = torch.full_like(total, float("nan"))
     energy = (maps * inside).sum(dim=(-2, -1)) / total.clamp_min(1e-30)
-    energy = torch.where(total > 0, energy, torch.zeros_like(energy))
+    energy = torch.where(empty, nan, energy)
     on = (maps >= threshold).float()
     overlap = (on * inside).sum(dim=(-2, -1))
     union = on.sum(dim=(-2, -1)) + inside.sum(dim=(-2, -1)) - overlap
-    iou = overlap / union.clamp_min(1.0)
-    return {"known": known, "pointing_hit": hit, "box_energy": energy, "box_iou": iou}
+    iou = torch.where(empty, nan, overlap / union.clamp_min(1.0))
+    return {"known": known, "empty": empty, "outside_crop": given.any(dim=1) & ~known,
+            "pointing_hit": hit & ~empty, "box_energy": energy, "box_iou": iou}

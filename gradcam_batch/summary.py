@@ -32,6 +32,11 @@ class Summary:
     pointing_total: int
     box_energy_sum: float = 0.0  # over the pointing game's maps
     box_iou_sum: float = 0.0
+    pointing_empty: int = 0  # rank-0 maps of samples with boxes left out of the pointing game: all zero
+    boxes_outside_crop: int = 0  # samples whose boxes all lie outside the crop, left out of the box metrics
+    zero_maps: int = 0  # maps (every layer and target) with no positive evidence, of maps_checked
+    maps_checked: int = 0
+    fuse: Optional[str] = None  # cam.fuse: the pointing game is over the fused maps (default_layer)
     seconds_to_first_batch: float | None = None  # process start to the first finished batch (slowest rank)
     seconds_to_first_batch_after_imports: float | None = None  # the same from the pipeline's start
     steady_images_per_second: float | None = None  # after the warm-up batches, all ranks together
@@ -60,11 +65,14 @@ class Summary:
     def lines(self) -> list[str]:
         if self.shards_written == 0 and self.shards_skipped and self.stored_rows is not None:
             # a rerun of a finished run: say so, and show what the folder holds
-            lines = [f"nothing to do: all {self.shards_skipped} units were already complete",
-                     f"stored      {self.stored_rows} rows, {self.stored_errors} errors in {self.stored_units} units",
+            done = ("the only unit was" if self.shards_skipped == 1
+                    else f"all {self.shards_skipped} units were")
+            lines = [f"nothing to do: {done} already complete",
+                     f"stored      {_count(self.stored_rows, 'row')}, {_count(self.stored_errors, 'error')} "
+                     f"in {_count(self.stored_units, 'unit')}",
                      f"layer       {self.target_layer}",
                      f"output      {Path(self.output_dir).resolve() / 'cams'}"]
-            return lines + self._localization_lines(", stored")
+            return lines + self._zero_lines("stored ") + self._localization_lines(", stored")
         lines = [
             f"images      {self.images}",
             f"rows        {self.rows}",
@@ -75,15 +83,40 @@ class Summary:
             f"layer       {self.target_layer}",
             f"output      {Path(self.output_dir).resolve() / 'cams'}",
         ]
-        return lines + self._localization_lines("")
+        return lines + self._zero_lines("") + self._localization_lines("")
+
+    def _zero_lines(self, stored: str) -> list[str]:
+        if not self.maps_checked:
+            return []
+        return [f"zero maps   {self.zero_maps} of {self.maps_checked} {stored}maps have no positive evidence "
+                "(all zero)"]
+
+    def zero_maps_warning(self) -> str | None:
+        """A line for stderr when most maps are all zero: the run exits 0 and writes every row,
+        which must not be read as a result."""
+        if not self.maps_checked or 2 * self.zero_maps <= self.maps_checked:
+            return None
+        return (f"most maps are empty: {self.zero_maps} of {self.maps_checked} maps are all zero and explain "
+                "nothing; usually the model's head has random or zero weights (check model.weights) or "
+                "model.target_layer is not a layer the scores depend on")
 
     def _localization_lines(self, stored: str) -> list[str]:
-        if self.pointing_game is None:
-            return []
-        return [f"pointing    {self.pointing_game:.3f} ({self.pointing_hits}/{self.pointing_total} "
-                f"maps peak inside an object box{stored})",
-                f"box energy  {self.box_energy_sum / self.pointing_total:.3f} of the map inside the boxes, "
-                f"IoU {self.box_iou_sum / self.pointing_total:.3f} (means over those maps)"]
+        layer = default_layer(self.target_layer, self.fuse)
+        lines = []
+        if self.pointing_game is not None:
+            left_out = f"; {self.pointing_empty} boxed maps left out: all zero" if self.pointing_empty else ""
+            lines += [f"pointing    {self.pointing_game:.3f} on layer {layer} ({self.pointing_hits}/"
+                      f"{self.pointing_total} maps peak inside an object box{left_out}{stored})",
+                      f"box energy  {self.box_energy_sum / self.pointing_total:.3f} of the map inside the boxes, "
+                      f"IoU {self.box_iou_sum / self.pointing_total:.3f} (means over those maps)"]
+        elif self.pointing_empty:
+            lines.append(f"pointing    none on layer {layer} "
+                         f"(all {self.pointing_empty} boxed maps are all zero{stored})")
+        if self.boxes_outside_crop:
+            samples = "sample's" if self.boxes_outside_crop == 1 else "samples'"
+            lines.append(f"boxes       {self.boxes_outside_crop} {samples} boxes lie outside the crop: "
+                         "left out of the box metrics")
+        return lines
 
 
 def combined_clocks(ranks: list[dict]) -> dict:
@@ -96,3 +129,7 @@ def combined_clocks(ranks: list[dict]) -> dict:
     return {"seconds_to_first_batch": slowest("seconds_to_first_batch"),
             "seconds_to_first_batch_after_imports": slowest("seconds_to_first_batch_after_imports"),
             "steady_images_per_second": None if not steady or None in steady else round(sum(steady), 2)}
+
+
+def _count(number: int | None, noun: str) -> str:
+    return f"{number} {noun}{'' if number == 1 else 's'}"

@@ -111,7 +111,8 @@ CAM_SCHEMA = pa.schema([
     ("increase_in_confidence", pa.bool_()),
 ])
 # Columns a row may leave null: what was not asked for (cam_resized, heatmap_png, faithfulness),
-# what the sample has no data for (box metrics without boxes), or what the producer did not give.
+# what the sample has no data for (box metrics without boxes, or of an all-zero map), what is
+# undefined (statistics of an all-zero map, cam_max_raw of fused maps) or what the producer did not give.
 STATISTIC_COLUMNS = ("cam_max_raw", "com_y", "com_x", "entropy", "center_mass", "border_mass")
 
 ERROR_SCHEMA = pa.schema([
@@ -155,7 +156,7 @@ class ShardOutput:
     unit_id: str = ""  # the part file's unit; "" means the whole shard
     layers: list[str] = field(default_factory=lambda: [""])  # the `layer` column, one name per entry
     predictions: np.ndarray | None = None  # (N,) the model's top-1 class
-    # per layer: column name -> array, (N, K) for statistics and box metrics (box_known (N,)),
+    # per layer: column name -> array, (N, K) for statistics, box metrics and map_empty (box_known (N,)),
     # cam_resized (N, K, h, w) float16, heatmaps (N, K, S, S, 3) uint8, insertion/deletion (N, K, F)
     layer_columns: list[dict] = field(default_factory=list)
 
@@ -203,7 +204,12 @@ def _extra_columns(out: ShardOutput, extras: dict, rows: int, num_targets: int) 
         flat = values.reshape(-1).astype(dtype, copy=False)
         known = extras.get("box_known")
         if name in ("pointing_hit", "box_energy", "box_iou") and known is not None:
-            return pa.array(flat, arrow_type, mask=~np.repeat(known, num_targets))
+            unknown = ~np.repeat(known, num_targets)
+            empty = extras.get("map_empty")
+            if empty is not None:
+                # an all-zero map has no peak, energy or region to compare: null, as its statistics
+                unknown |= empty.reshape(-1)
+            return pa.array(flat, arrow_type, mask=unknown)
         if flat.dtype.kind == "f":
             # undefined (an all-zero map's centre of mass or entropy) is null, never NaN: readers
             # skip nulls, while NaN poisons averages (and DuckDB's Parquet statistics ignore it)

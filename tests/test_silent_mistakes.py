@@ -205,3 +205,12 @@ def test_huggingface_weights_missing_from_the_folder_are_warned_about(tmp_path):
     assert new_head.returncode == 0, new_head.stderr
     warning = [line for line in new_head.stderr.splitlines() if "random values" in line]
     assert len(warning) == 1 and "classifier" in warning[0], new_head.stderr
+
+
+def test_a_rerun_of_a_one_unit_run_speaks_in_the_singular(tmp_path):
+    first = run_cli(*TINY_RESNET, "data.demo_images=1", f"output.dir={tmp_path / 'out'}")
+    assert first.returncode == 0, first.stderr
+    again = run_cli(*TINY_RESNET, "data.demo_images=1", f"output.dir={tmp_path / 'out'}")
+    assert again.returncode == 0, again.stderr
+    assert "nothing to do: the only unit was already complete" in again.stdout
+    assert "stored      1 row, 0 errors in 1 unit" in again.stdout

@@ -129,6 +129,42 @@ def test_pointing_hit_with_a_peak_in_either_box():
     assert box_metrics(maps, maps.flatten(2).argmax(dim=2), far, 16, 0.5)["pointing_hit"][:, 0].tolist() == [False, False]
 
 
+
+def test_box_metrics_of_an_all_zero_map_are_undefined_and_written_as_null():
+    from gradcam_batch.writer import ShardOutput, cam_table
+
+    crop, threshold = 16, 0.5
+    maps = torch.rand(2, 2, 4, 4, generator=GENERATOR)
+    maps[0, 1] = 0  # no positive evidence: its argmax (cell 0) is no peak, and it has no energy
+    boxes = torch.tensor([[[0.0, 0.0, 0.5, 0.5]], [[0.25, 0.25, 1.0, 1.0]]])
+    peak = maps.flatten(2).argmax(dim=2)
+    got = box_metrics(maps, peak, boxes, crop, threshold)
+    assert got["empty"].tolist() == [[False, True], [False, False]]
+    assert math.isnan(got["box_energy"][0, 1]) and math.isnan(got["box_iou"][0, 1])
+    for b, k in ((0, 0), (1, 0), (1, 1)):
+        hit, energy, iou = reference_box_metrics(maps[b, k].numpy(), [boxes[b, 0].tolist()], crop, threshold)
+        assert bool(got["pointing_hit"][b, k]) == hit and got["box_iou"][b, k].item() == pytest.approx(iou, abs=1e-6)
+        assert got["box_energy"][b, k].item() == pytest.approx(energy, abs=1e-5)
+    columns = {"box_known": got["known"].numpy(), "map_empty": got["empty"].numpy(),
+               **{key: got[key].numpy() for key in ("pointing_hit", "box_energy", "box_iou")}}
+    out = ShardOutput("s", ["a", "b"], np.array([-1, -1]), np.array([[1, 2], [1, 2]]), np.ones((2, 2)),
+                      np.ones((2, 2)), maps.numpy(), maps.flatten(2).mean(2).numpy(), peak.numpy(),
+                      layer_columns=[columns])
+    table = cam_table(out)
+    for key in ("pointing_hit", "box_energy", "box_iou"):
+        assert [value is None for value in table[key].to_pylist()] == [False, True, False, False], key
+
+
+def test_boxes_the_crop_cut_away_are_told_apart_from_no_boxes():
+    maps = torch.rand(3, 1, 4, 4, generator=GENERATOR)
+    boxes = torch.full((3, 2, 4), float("nan"))
+    boxes[0, 0] = torch.tensor([0.0, 0.0, 1.0, 0.0])  # clamped to the crop's top edge: no area left
+    boxes[1, 0] = torch.tensor([0.0, 0.0, 1.0, 0.0])
+    boxes[1, 1] = torch.tensor([0.2, 0.2, 0.6, 0.6])  # one box survives
+    got = box_metrics(maps, maps.flatten(2).argmax(dim=2), boxes, 16, 0.5)
+    assert got["known"].tolist() == [False, True, False]
+    assert got["outside_crop"].tolist() == [True, False, False]  # sample 2 never had a box
+
 # --- whole runs ------------------------------------------------------------------------------
 
 def make_boxed_webdataset(path, count=4, seed=0):

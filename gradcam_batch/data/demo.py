@@ -96,10 +96,11 @@ def write_demo_shards(root: str | Path, count: int, seed: int = 1234) -> list[Pa
     return paths
 
 
-def ensure_demo_shards(root: str | Path, count: int) -> str:
-    """Generate the demo dataset once; return the shard glob."""
+def ensure_demo_shards(root: str | Path, count: int) -> list[str]:
+    """Generate the demo dataset once; return its shard files. Paths, not a glob: output.dir may
+    hold `[`, `*` or braces, which a glob or brace expansion would read as patterns."""
     root = Path(root)
     marker = root / "COMPLETE"
     if not (marker.is_file() and marker.read_text().split()[0] == str(count)):
         write_demo_shards(root, count)
-    return str(root / "demo-*.tar")
+    return sorted(str(path) for path in root.iterdir() if path.name.startswith("demo-") and path.suffix == ".tar")

@@ -311,12 +311,13 @@ def _check_parquet_columns(paths: list[str], cfg: DataConfig) -> None:
                         f"(columns: {', '.join(names)}; data.boxes_column=null reads no boxes)")
 
 
-def list_shards(cfg: DataConfig) -> list[Shard]:
-    """All shards of the dataset, sorted, so every rank and every rerun sees the same list."""
+def list_shards(cfg: DataConfig, files: list[str] | None = None) -> list[Shard]:
+    """All shards of the dataset, sorted, so every rank and every rerun sees the same list.
+    `files`: the shard files themselves (the demo's), instead of data.shards' globs."""
     if cfg.format == "imagefolder":
         return _imagefolder_shards(cfg)
     extension = "tar" if cfg.format in ("webdataset", "demo") else "parquet"
-    paths = _expand_globs(cfg.shards, extension)
+    paths = sorted(files) if files is not None else _expand_globs(cfg.shards, extension)
     if cfg.format == "parquet":
         _check_parquet_columns(paths, cfg)
     fmt = "webdataset" if cfg.format == "demo" else cfg.format

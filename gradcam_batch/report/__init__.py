@@ -20,6 +20,15 @@ shards that hold the wanted samples, and decoded with the run's own resize and c
 lies over exactly the pixels it explains. When the data cannot be read any more, those cards
 show the maps alone and the page says why.
 
+The layer reported on (--layer, else the one the run summary speaks of: the fused maps, else the
+last target layer, as recorded in the manifest or the part files' metadata) is named with every
+number of it. All-zero maps (no positive evidence: cam_max_raw = 0, else every value 0; a model
+with a zero head gives only such maps) are counted in the summary and per class, warned about
+at the top of the page when they are most of the maps, and left out of the galleries, the class
+means and the statistics they have no value of (peak, box overlap, border mass, entropy). A
+gallery whose cards share one value, or whose cut splits equal values, says that this is no
+ranking. Gallery cards mark the samples whose label differs from the prediction.
+
 Columns that newer runs add (pred_class, pointing_hit, border_mass, entropy, box_energy, box_iou,
 confidence_change, heatmap_png) are used where the part files have them; the page says which
 sections need a column the output lacks.

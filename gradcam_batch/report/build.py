@@ -15,7 +15,7 @@ from gradcam_batch.report.page import render
 from gradcam_batch.report.pictures import stored_picture
 from gradcam_batch.report.queries import (_duckdb_importable, _duckdb_usable, overview_arrow, overview_duckdb,
                                           read_errors)
-from gradcam_batch.report.source import ReportError, _choose_layer, open_output
+from gradcam_batch.report.source import ReportError, _choose_layer, open_output, run_layer
 
 
 @dataclass
@@ -27,6 +27,11 @@ class Report:
     note: Optional[str]
     heatmaps_shown: int = 0
     """Gallery cards showing the heatmap_png the run stored (no dataset read for them)."""
+    layer: str = ""
+    maps: int = 0
+    """The rank-0 maps of the layer."""
+    zero_maps: int = 0
+    """Those of them that are all zero (no positive evidence)."""
 
 
 def build_report(output_dir: str | Path, out: Optional[str | Path] = None, per_gallery: int = 8,
@@ -37,7 +42,7 @@ def build_report(output_dir: str | Path, out: Optional[str | Path] = None, per_g
     if engine == "duckdb" and not _duckdb_importable():
         raise ReportError("--engine duckdb: DuckDB is not installed (pip install duckdb)")
     overview = (overview_duckdb if use_duckdb else overview_arrow)(source, layer, per_gallery)
-    layer = _choose_layer(overview.layer_rows, layer)
+    layer = _choose_layer(overview.layer_rows, layer, run_layer(source))
     shown = sorted(overview.classes.values(), key=lambda s: (-s.count, s.target_class))[:max_classes]
     wanted = {(row["shard"], row["sample_id"]) for rows in overview.galleries.values() for row in rows}
     scan = scan_maps(source, layer, [s.target_class for s in shown], wanted)
@@ -62,4 +67,5 @@ def build_report(output_dir: str | Path, out: Optional[str | Path] = None, per_g
     finally:
         temporary.unlink(missing_ok=True)
     cards = sum(len(rows) for rows in overview.galleries.values())
-    return Report(target, len(shown), cards, len(pictures.pictures), pictures.note, len(stored))
+    return Report(target, len(shown), cards, len(pictures.pictures), pictures.note, len(stored), layer,
+                  overview.maps, overview.zero_maps)

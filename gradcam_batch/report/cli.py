@@ -49,8 +49,10 @@ def parser() -> argparse.ArgumentParser:
                        help="cards per gallery (default 8; 0: no galleries)")
     parse.add_argument("--max-classes", type=_at_least(1), default=50, metavar="N",
                        help="classes in the table and the class means: the N most frequent (default 50)")
-    parse.add_argument("--layer", metavar="NAME", help="the layer to report on when the output has several (default: the first "
-                                       "name in sorted order)")
+    parse.add_argument("--layer", metavar="NAME",
+                       help="the layer to report on when the output has several (default: the one the run summary "
+                            "speaks of: the fused maps, else the last target layer; the first name in sorted order "
+                            "where the output does not record its target layers)")
     parse.add_argument("--engine", choices=("auto", "duckdb", "pyarrow"), default="auto",
                        help="what computes the statistics: DuckDB where installed (auto), or pyarrow")
     parse.add_argument("--no-images", action="store_true",
@@ -74,8 +76,11 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(f"{PROG}: interrupted", file=sys.stderr)
         return 130
     stored = f", {report.heatmaps_shown} stored heatmaps" if report.heatmaps_shown else ""
-    print(f"wrote {report.path} ({report.classes} classes, {report.gallery_cards} gallery cards, "
-          f"{report.images_shown} images from the dataset{stored})")
+    print(f"wrote {report.path} (layer {report.layer or '(unnamed)'}: {report.classes} classes, "
+          f"{report.gallery_cards} gallery cards, {report.images_shown} images from the dataset{stored})")
+    if report.zero_maps * 2 > report.maps:  # the page warns too; a scripted run should not miss it
+        print(f"{PROG}: warning: {report.zero_maps:,} of {report.maps:,} rank-0 maps of layer "
+              f"{report.layer or '(unnamed)'} are all zero (no positive evidence; see the page)", file=sys.stderr)
     if report.note and not args.no_images:
         print(f"{PROG}: note: images: {report.note}", file=sys.stderr)
     return 0

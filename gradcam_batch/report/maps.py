@@ -10,7 +10,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from gradcam_batch.report.source import Source, _batches, _column, _layer_mask, _numpy
+from gradcam_batch.report.source import Source, _batches, _column, _layer_mask, _numpy, zero_maps
 
 SCAN_BATCH_ROWS = 256
 """Rows per record batch when the maps are read: with 56x56 maps about 3 MB of floats."""
@@ -19,7 +19,13 @@ SCAN_BATCH_ROWS = 256
 @dataclass
 class MapScan:
     means: dict[int, np.ndarray] = field(default_factory=dict)
-    """Class-mean map per class, for the classes whose maps all share one size."""
+    """Class-mean map per class, for the classes whose maps all share one size, over the maps
+    that are not all zero."""
+    counts: dict[int, int] = field(default_factory=dict)
+    """Class -> the maps its mean is of."""
+    zero: dict[int, int] = field(default_factory=dict)
+    """Class -> its all-zero maps, left out of its mean: averaging in maps with no evidence would
+    dim the mean, and a class of only such maps would show a blank as if it were a finding."""
     mixed: list[int] = field(default_factory=list)
     """Classes skipped: their maps have several sizes."""
     maps: dict[tuple[str, str], np.ndarray] = field(default_factory=dict)
@@ -44,15 +50,18 @@ def _stored_heatmaps(batch: pa.RecordBatch, named: np.ndarray, wanted: set[tuple
 
 
 def scan_maps(source: Source, layer: str, classes: list[int], wanted: set[tuple[str, str]]) -> MapScan:
-    """Add up the maps of `classes` and keep the maps (and stored heatmaps) of the `wanted` rows,
-    reading the part files one record batch at a time (rank-0 rows of `layer` only)."""
+    """Add up the maps of `classes` (all-zero maps left out, and counted) and keep the maps (and
+    stored heatmaps) of the `wanted` rows, reading the part files one record batch at a time
+    (rank-0 rows of `layer` only)."""
     sums: dict[tuple[int, int, int], np.ndarray] = {}
     counts: dict[tuple[int, int, int], int] = {}
+    zero_counts: dict[int, int] = {}
     maps: dict[tuple[str, str], np.ndarray] = {}
     heatmaps: dict[tuple[str, str], bytes] = {}
     class_set = np.array(sorted(set(classes)), dtype=np.int64)
     wanted_ids = pa.array(sorted({sample_id for _, sample_id in wanted}), pa.string())
-    columns = ["sample_id", "shard", "target_class", "target_rank", "layer", "cam", "cam_height", "cam_width"]
+    columns = ["sample_id", "shard", "target_class", "target_rank", "layer", "cam", "cam_height", "cam_width",
+               "cam_max_raw"]
     stored = source.has("heatmap_png") and bool(wanted)
     for path in source.cam_files:
         for batch in _batches(path, columns + (["heatmap_png"] if stored else []), SCAN_BATCH_ROWS):
@@ -71,6 +80,10 @@ def scan_maps(source: Source, layer: str, classes: list[int], wanted: set[tuple[
             batch = batch.select([name for name in columns if name in batch.schema.names])
             batch, target, of_class, named = (batch.filter(pa.array(keep)), target[keep], of_class[keep],
                                               named[keep])
+            zero = zero_maps(batch)
+            for target_class, count in zip(*np.unique(target[of_class & zero], return_counts=True)):
+                zero_counts[int(target_class)] = zero_counts.get(int(target_class), 0) + int(count)
+            of_class &= ~zero
             height, _ = _numpy(batch.column("cam_height"), 0, np.int64)
             width, _ = _numpy(batch.column("cam_width"), 0, np.int64)
             length, _ = _numpy(pc.list_value_length(batch.column("cam")), -1, np.int64)
@@ -96,7 +109,7 @@ def scan_maps(source: Source, layer: str, classes: list[int], wanted: set[tuple[
                     for index in np.nonzero(part_named)[0].tolist():
                         if (shards[index], ids[index]) in wanted:
                             maps[(shards[index], ids[index])] = flat[index].reshape(h, w).astype(np.float32)
-    scan = MapScan(maps=maps, heatmaps=heatmaps)
+    scan = MapScan(maps=maps, heatmaps=heatmaps, zero=zero_counts)
     sizes: dict[int, list[tuple[int, int, int]]] = {}
     for slot in sums:
         sizes.setdefault(slot[0], []).append(slot)
@@ -105,4 +118,5 @@ def scan_maps(source: Source, layer: str, classes: list[int], wanted: set[tuple[
             scan.mixed.append(target_class)
         else:
             scan.means[target_class] = (sums[slots[0]] / counts[slots[0]]).reshape(slots[0][1:])
+            scan.counts[target_class] = counts[slots[0]]
     return scan

@@ -5,15 +5,16 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from gradcam_batch.report.maps import SCAN_BATCH_ROWS
 from gradcam_batch.report.source import (ERROR_COLUMNS, OPTIONAL_COLUMNS, Source, _batches, _choose_layer,
-                                         _column, _layer_mask, _numpy, _readable_schema)
+                                         _column, _layer_mask, _numpy, _readable_schema, run_layer, zero_maps)
 
 MAX_ERRORS_SHOWN = 50
 STATS_BATCH_ROWS = 65536
@@ -29,6 +30,13 @@ GALLERIES = (
     ("misses", "Pointing-game misses", "maps whose peak lies outside the object's box (pointing_hit = false), "
                                        "most confident first", "pointing_hit"),
 )
+
+GALLERY_STATISTIC = {"high": "prob", "low": "prob", "border": "border_mass", "misses": "prob"}
+"""The value each gallery is ranked by."""
+
+UNDEFINED_FOR_ZERO_MAPS = ("pointing_hit", "border_mass", "entropy", "box_energy", "box_iou")
+"""Statistics an all-zero map has no value of (no peak, no mass to place). Newer writers store
+them as null; older ones wrote the value of an arbitrary peak, so the report leaves them out."""
 
 MEAN_COLUMNS = (
     # (column, ClassStats prefix): the per-class table shows the mean where rows hold values
@@ -61,6 +69,8 @@ class ClassStats:
     change_sum: float = 0.0
     pred_n: int = 0
     """Rows with a pred_class."""
+    zero: int = 0
+    """All-zero maps (no positive evidence: cam_max_raw = 0, else every value 0)."""
 
     def add(self, other: "ClassStats") -> None:
         for item in dataclasses.fields(self):
@@ -74,6 +84,18 @@ class Overview:
     classes: dict[int, ClassStats]
     galleries: dict[str, list[dict]]
     engine: str
+    tied_beyond: dict[str, bool] = field(default_factory=dict)
+    """Gallery key -> a map left out of the gallery has the same value as its last card: the cut
+    falls inside a run of equal values, and which of them are shown is no ranking."""
+
+    @property
+    def maps(self) -> int:
+        """The rank-0 maps of the reported layer."""
+        return sum(stats.count for stats in self.classes.values())
+
+    @property
+    def zero_maps(self) -> int:
+        return sum(stats.zero for stats in self.classes.values())
 
     def filled(self, column: str) -> int:
         """How many of the report's rows hold a value of an optional column."""
@@ -97,6 +119,25 @@ def available(source: Source, overview: Overview, column: str) -> bool:
 def _gallery_columns(source: Source) -> list[str]:
     base = ["sample_id", "shard", "target_class", "label", "prob"]
     return base + [name for name in OPTIONAL_COLUMNS if source.has(name)]
+
+
+def _cut(galleries: dict[str, list[dict]], count: int) -> dict[str, bool]:
+    """Trim each gallery, fetched one row longer, to `count`; say where that extra row ties with
+    the last card kept."""
+    tied = {}
+    for key, rows in galleries.items():
+        statistic = GALLERY_STATISTIC[key]
+        tied[key] = len(rows) > count > 0 and rows[count][statistic] == rows[count - 1][statistic]
+        del rows[count:]
+    return tied
+
+
+def _zero_sql(source: Source) -> str:
+    raw = "cam_max_raw = 0" if source.has("cam_max_raw") else "null"
+    if source.raw_max_known:
+        return f"coalesce({raw}, false)"
+    # only where a row lacks cam_max_raw: this reads the maps
+    return f"coalesce({raw}, list_max(cam) = 0 and list_min(cam) = 0, false)"
 
 
 def _gallery_order(key: str, row: dict):
@@ -127,35 +168,42 @@ def overview_duckdb(source: Source, layer: Optional[str], per_gallery: int) -> O
         src = "read_parquet(?, union_by_name = true)"
         layer_rows = {name: int(rows) for name, rows in con.execute(
             f"select coalesce(layer, '') as name, count(*) from {src} group by 1 order by 1", [files]).fetchall()}
-        layer = _choose_layer(layer_rows, layer)
+        layer = _choose_layer(layer_rows, layer, run_layer(source))
         where = "coalesce(layer, '') = ? and target_rank = 0 and target_class is not null"
+        # the rows the report covers, each with all_zero computed once; DuckDB reads only the columns used
+        rows = f"(select *, {_zero_sql(source)} as all_zero from {src} where {where})"
         has = source.has
+
+        def defined(name: str) -> str:  # an all-zero map has no such value
+            return " filter (where not all_zero)" if name in UNDEFINED_FOR_ZERO_MAPS else ""
         best = (f"coalesce({'pred_class' if has('pred_class') else 'null::bigint'}, "
                 f"{'target_class' if targets_are_predictions(source) else 'null::bigint'})")
         # The writer stores an undefined statistic (an all-zero map's entropy) as null, which count
         # and sum skip. NaN must not reach these columns: DuckDB 2.0 answers isnan() and nullif()
         # on a Parquet float column from the file's statistics, which leave NaN out.
-        means = ", ".join(f"count({name}), coalesce(sum({name}::double), 0)" if has(name) else "0, 0"
-                          for name, _ in MEAN_COLUMNS)
+        means = ", ".join(f"count({name}){defined(name)}, coalesce(sum({name}::double){defined(name)}, 0)"
+                          if has(name) else "0, 0" for name, _ in MEAN_COLUMNS)
+        pointing = ("count(pointing_hit) filter (where not all_zero), "
+                    "count(*) filter (where pointing_hit and not all_zero)")
         query = f"""
             select target_class, count(*), count(*) filter (where label is not null and {best} is not null),
                    count(*) filter (where {best} = label),
                    coalesce(sum(prob::double) filter (where not isnan(prob::double)), 0),
-                   {"count(pointing_hit), count(*) filter (where pointing_hit)" if has("pointing_hit") else "0, 0"},
+                   {pointing if has("pointing_hit") else "0, 0"},
                    {means},
-                   {"count(pred_class)" if has("pred_class") else "0"}
-            from {src} where {where} group by target_class"""
+                   {"count(pred_class)" if has("pred_class") else "0"}, count(*) filter (where all_zero)
+            from {rows} group by target_class"""
         classes = {}
         for values in con.execute(query, [files, layer]).fetchall():
             target_class, count, labeled, correct_count, prob_sum, hit_known, hits, *rest = values
-            mean_values, pred_n = rest[:-1], rest[-1]
+            mean_values, pred_n, zero = rest[:-2], rest[-2], rest[-1]
             sums = {}
             for index, (_, prefix) in enumerate(MEAN_COLUMNS):
                 sums[f"{prefix}_n"] = int(mean_values[2 * index])
                 sums[f"{prefix}_sum"] = float(mean_values[2 * index + 1])
             classes[int(target_class)] = ClassStats(
                 int(target_class), int(count), int(labeled), int(correct_count), float(prob_sum), int(hit_known),
-                int(hits), pred_n=int(pred_n), **sums)
+                int(hits), pred_n=int(pred_n), zero=int(zero), **sums)
         galleries = {}
         columns = ", ".join(_gallery_columns(source))
         orders = {"high": ("not isnan(prob::double)", "prob desc"), "low": ("not isnan(prob::double)", "prob asc"),
@@ -166,13 +214,14 @@ def overview_duckdb(source: Source, layer: Optional[str], per_gallery: int) -> O
                 galleries[key] = []
                 continue
             condition, order = orders[key]
-            cursor = con.execute(f"select {columns} from {src} where {where} and {condition} "
-                                 f"order by {order}, shard, sample_id limit {int(per_gallery)}", [files, layer])
+            # all-zero maps are no finding; one row more than shown tells whether the cut splits a tie
+            cursor = con.execute(f"select {columns} from {rows} where not all_zero and {condition} "
+                                 f"order by {order}, shard, sample_id limit {int(per_gallery) + 1}", [files, layer])
             names = [item[0] for item in cursor.description]
             galleries[key] = [dict(zip(names, values)) for values in cursor.fetchall()]
     finally:
         con.close()
-    return Overview(layer_rows, classes, galleries, f"DuckDB {duckdb.__version__}")
+    return Overview(layer_rows, classes, galleries, f"DuckDB {duckdb.__version__}", _cut(galleries, per_gallery))
 
 
 def overview_arrow(source: Source, layer: Optional[str], per_gallery: int) -> Overview:
@@ -182,18 +231,22 @@ def overview_arrow(source: Source, layer: Optional[str], per_gallery: int) -> Ov
             for item in pc.value_counts(_column(batch, "layer", pa.string()).fill_null("")).to_pylist():
                 layer_rows[item["values"]] = layer_rows.get(item["values"], 0) + item["counts"]
     layer_rows = dict(sorted(layer_rows.items()))
-    layer = _choose_layer(layer_rows, layer)
+    layer = _choose_layer(layer_rows, layer, run_layer(source))
     fallback = targets_are_predictions(source)
     gallery_columns = _gallery_columns(source)
-    columns = ["layer", "target_rank", *gallery_columns,
+    columns = ["layer", "target_rank", "cam_max_raw", *gallery_columns,
                *(name for name, _ in MEAN_COLUMNS if source.has(name) and name not in gallery_columns)]
+    # where some row lacks cam_max_raw, whether its map is all zero needs the map: fewer rows a batch
+    columns, batch_rows = (columns, STATS_BATCH_ROWS) if source.raw_max_known else (columns + ["cam"],
+                                                                                    SCAN_BATCH_ROWS)
     classes: dict[int, ClassStats] = {}
     galleries: dict[str, list[dict]] = {key: [] for key, *_ in GALLERIES}
     for path in source.cam_files:
-        for batch in _batches(path, columns, STATS_BATCH_ROWS):
+        for batch in _batches(path, columns, batch_rows):
             batch = batch.filter(pa.array(_layer_mask(batch, layer)))
             if not batch.num_rows:
                 continue
+            zero = zero_maps(batch)
             target, _ = _numpy(_column(batch, "target_class", pa.int64()), 0, np.int64)
             label, labeled = _numpy(_column(batch, "label", pa.int64()), -1, np.int64)
             prob, prob_valid = _numpy(_column(batch, "prob", pa.float32()), np.nan, np.float64)
@@ -202,10 +255,12 @@ def overview_arrow(source: Source, layer: Optional[str], per_gallery: int) -> Ov
             judged = labeled & (pred_valid | fallback)  # a prediction to hold against the label
             correct = judged & (np.where(pred_valid, pred, target) == label)
             hit, hit_known = _numpy(_column(batch, "pointing_hit", pa.bool_()), False, bool)
+            hit_known &= ~zero
             measured = {}
             for name, _ in MEAN_COLUMNS:
                 values, valid = _numpy(_column(batch, name, pa.float32()), np.nan, np.float64)
-                measured[name] = (values, valid & ~np.isnan(values))
+                valid &= ~np.isnan(values)
+                measured[name] = (values, valid & ~zero if name in UNDEFINED_FOR_ZERO_MAPS else valid)
             uniques, inverse = np.unique(target, return_inverse=True)
 
             def per_class(weights, kind=int):
@@ -213,7 +268,8 @@ def overview_arrow(source: Source, layer: Optional[str], per_gallery: int) -> Ov
 
             sums = dict(count=np.bincount(inverse, minlength=len(uniques)), labeled=per_class(judged),
                         correct=per_class(correct), prob_sum=per_class(np.where(prob_valid, prob, 0.0), float),
-                        hit_known=per_class(hit_known), hits=per_class(hit_known & hit), pred_n=per_class(pred_valid))
+                        hit_known=per_class(hit_known), hits=per_class(hit_known & hit), pred_n=per_class(pred_valid),
+                        zero=per_class(zero))
             for name, prefix in MEAN_COLUMNS:
                 values, valid = measured[name]
                 sums[f"{prefix}_n"] = per_class(valid)
@@ -229,8 +285,9 @@ def overview_arrow(source: Source, layer: Optional[str], per_gallery: int) -> Ov
                     if needs and not source.has(needs):
                         continue
                     values, valid = keys[key]
-                    galleries[key] = _merge_top(key, galleries[key], rows, values, valid, per_gallery)
-    return Overview(layer_rows, classes, galleries, f"pyarrow {pa.__version__}")
+                    # all-zero maps are no finding; one row more than shown tells whether the cut splits a tie
+                    galleries[key] = _merge_top(key, galleries[key], rows, values, valid & ~zero, per_gallery + 1)
+    return Overview(layer_rows, classes, galleries, f"pyarrow {pa.__version__}", _cut(galleries, per_gallery))
 
 
 def _merge_top(key: str, kept: list[dict], batch: pa.RecordBatch, values: np.ndarray, valid: np.ndarray,

@@ -5,7 +5,7 @@ files one record batch at a time, restricted to the rows the report covers."""
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
@@ -13,6 +13,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
+
+from gradcam_batch.summary import default_layer
 
 PROG = "gradcam-batch-report"
 MANIFEST_NAME = "_manifest.json"
@@ -38,6 +40,11 @@ class Source:
     error_files: list[Path]
     schema: pa.Schema
     total_rows: int
+    raw_max_known: bool = False
+    """Every row of every part file holds a cam_max_raw (the files' statistics say so): whether a
+    map is all zero can then be read from it, without reading the maps."""
+    embedded: dict = field(default_factory=dict)
+    """The part files' own metadata (the resolved config, target layers, ...), where they hold it."""
 
     @property
     def columns(self) -> set[str]:
@@ -47,13 +54,28 @@ class Source:
         return column in self.columns
 
 
-def _readable_schema(path: Path) -> tuple[pa.Schema, int, Optional[bytes]]:
+def _readable_schema(path: Path) -> tuple[pa.Schema, int, Optional[bytes], bool]:
+    """The file's schema, rows, embedded metadata, and whether its statistics show a cam_max_raw
+    in every row."""
     try:
         metadata = pq.read_metadata(path)
     except (OSError, ValueError, pa.ArrowException) as error:
         raise ReportError(f"cannot read {path}: {_first_line(error)}") from error
     schema = metadata.schema.to_arrow_schema()
-    return schema.remove_metadata(), metadata.num_rows, (schema.metadata or {}).get(METADATA_KEY)
+    return (schema.remove_metadata(), metadata.num_rows, (schema.metadata or {}).get(METADATA_KEY),
+            _raw_max_everywhere(metadata))
+
+
+def _raw_max_everywhere(metadata: pq.FileMetaData) -> bool:
+    names = [metadata.schema.column(index).path for index in range(metadata.num_columns)]
+    if "cam_max_raw" not in names:
+        return False
+    column = names.index("cam_max_raw")
+    for group in range(metadata.num_row_groups):
+        statistics = metadata.row_group(group).column(column).statistics
+        if statistics is None or not statistics.has_null_count or statistics.null_count:
+            return False
+    return True
 
 
 def _first_line(error: BaseException) -> str:
@@ -86,17 +108,21 @@ def open_output(path: str | Path) -> Source:
             raise ReportError(f"cannot read {manifest_path}: {_first_line(error)}") from error
         if not isinstance(manifest, dict):
             raise ReportError(f"{manifest_path} is not a gradcam-batch manifest (not a JSON object)")
-    schemas, total_rows, embedded = [], 0, None
+    schemas, total_rows, embedded, raw_max_known = [], 0, None, True
     for file in cam_files:
-        schema, rows, metadata = _readable_schema(file)
+        schema, rows, metadata, raw_max = _readable_schema(file)
         schemas.append(schema)
         total_rows += rows
         embedded = embedded or metadata
-    if not manifest_path.is_file():
-        try:  # a folder without its manifest: the part files carry the same metadata
-            manifest, origin = json.loads(embedded) if embedded else {}, "Parquet metadata"
-        except ValueError:
-            manifest = {}
+        raw_max_known = raw_max_known and raw_max
+    try:
+        embedded_dict = json.loads(embedded) if embedded else {}
+    except ValueError:
+        embedded_dict = {}
+    if not isinstance(embedded_dict, dict):
+        embedded_dict = {}
+    if not manifest_path.is_file():  # a folder without its manifest: the part files carry the same metadata
+        manifest, origin = embedded_dict, "Parquet metadata"
     errors = sum(_readable_schema(file)[1] for file in error_files)
     if not total_rows:
         held = f"{len(cam_files)} part files in cams/ hold 0 rows" if cam_files else "cams/ holds no part files"
@@ -111,15 +137,30 @@ def open_output(path: str | Path) -> Source:
     if missing:
         raise ReportError(f"{output_dir / 'cams'} does not hold gradcam-batch maps (no column "
                           f"{', '.join(missing)})")
-    return Source(output_dir, manifest, origin, cam_files, error_files, schema, total_rows)
+    return Source(output_dir, manifest, origin, cam_files, error_files, schema, total_rows, raw_max_known,
+                  embedded_dict)
 
 
 # --- the rows the report covers, record batch by record batch ------------------------------------
 
 
-def _choose_layer(layer_rows: dict[str, int], wanted: Optional[str]) -> str:
+def run_layer(source: Source) -> Optional[str]:
+    """The layer the run summary speaks of (summary.default_layer: the fused maps, else the last
+    target layer listed), from the manifest, else the part files' metadata; None where neither
+    records the target layers."""
+    for recorded in (source.manifest, source.embedded):
+        target_layer = recorded.get("target_layer")
+        if isinstance(target_layer, str) and target_layer:
+            fuse = ((recorded.get("config") or {}).get("cam") or {}).get("fuse")
+            return default_layer(target_layer, fuse) or None
+    return None
+
+
+def _choose_layer(layer_rows: dict[str, int], wanted: Optional[str], preferred: Optional[str] = None) -> str:
+    """--layer, else the run summary's layer; the first in sorted order only where the output does
+    not say which that is (or no row is of it)."""
     if wanted is None:
-        return sorted(layer_rows)[0]
+        return preferred if preferred in layer_rows else sorted(layer_rows)[0]
     if wanted not in layer_rows:
         raise ReportError(f"--layer {wanted!r} is not a layer of this output; it has: "
                           f"{', '.join(repr(name) for name in sorted(layer_rows))}")
@@ -144,6 +185,22 @@ def _layer_mask(batch: pa.RecordBatch, layer: str) -> np.ndarray:
     rank0 = pc.equal(_column(batch, "target_rank", pa.int32()), 0).fill_null(False)
     known = _column(batch, "target_class", pa.int64()).is_valid()
     return pc.and_(pc.and_(pc.equal(layers, layer), rank0), known).to_numpy(zero_copy_only=False)
+
+
+def zero_maps(batch: pa.RecordBatch) -> np.ndarray:
+    """Which rows hold an all-zero map, one with no positive evidence at all: cam_max_raw = 0 where
+    the row has one, else (outputs written before that column) a cam whose values are all 0. The
+    cam column is looked at only for rows without a cam_max_raw (it must then be in the batch)."""
+    raw, known = _numpy(_column(batch, "cam_max_raw", pa.float32()), np.nan, np.float64)
+    zero = known & (raw == 0)
+    if known.all() or batch.schema.get_field_index("cam") < 0:
+        return zero
+    cams = batch.column("cam")
+    values = pc.list_flatten(cams).to_numpy(zero_copy_only=False)
+    parents = pc.list_parent_indices(cams).to_numpy(zero_copy_only=False)
+    lengths, _ = _numpy(pc.list_value_length(cams), 0, np.int64)
+    nonzero = np.bincount(parents[values != 0], minlength=len(cams))  # NaN counts as not zero
+    return np.where(known, zero, (lengths > 0) & (nonzero == 0))
 
 
 def _batches(path: Path, columns: list[str], batch_size: int):
