@@ -8,6 +8,8 @@ bad value and the fix before any work starts.
 from __future__ import annotations
 
 import dataclasses
+import math
+import os
 from dataclasses import dataclass, field
 from typing import Any, List, Optional
 
@@ -49,6 +51,20 @@ def _parquet_codec(name: Any) -> bool:
 def _at_least(name: str, value: int, low: int) -> None:
     if value is None or value < low:
         raise UserError(f"{name}={value!r} is not valid; it must be an integer >= {low}")
+
+
+def _within(name: str, value: int, low: int, high: int, why: str) -> None:
+    """An integer setting with a ceiling: a value past it would allocate gigabytes or fail deep
+    inside a library, after the output folder was prepared."""
+    if value is None or not low <= value <= high:
+        raise UserError(f"{name}={value!r} is not valid; it must be an integer from {low} to {high} ({why})")
+
+
+# Ceilings of sizes a user sets (one line before anything runs, instead of gigabytes per image).
+MAX_IMAGE_SIDE = 4096  # data.resize / data.crop: 4096^2 RGB floats are 200 MB per image already
+MAX_CAM_SIDE = 1024  # output.cam_size=[h, w]: maps are upsampled from a grid of a few dozen cells
+MAX_CLASS_INDEX = 2**31 - 1
+MIN_STD = 1e-4  # data.std: a smaller one turns every pixel into inf or NaN
 
 
 @dataclass
@@ -135,7 +151,10 @@ class DataConfig:
         elif self.shards is not None and not isinstance(self.shards, str):
             raise UserError(f"data.shards={self.shards!r} is not a path, a glob or a list of them")
         _choice("data.decode", self.decode, DECODE_MODES)
-        _at_least("data.batch_size", self.batch_size, 1)
+        _within("data.batch_size", self.batch_size, 1, 65536, "images per device batch")
+        _within("data.demo_images", self.demo_images, 1, 10_000_000, "synthetic images for the demo")
+        if self.root is not None:
+            self.root = os.path.expanduser(self.root)
         _at_least("data.num_workers", self.num_workers, 0)
         _at_least("data.shard_size", self.shard_size, 1)
         _at_least("data.unit_size", self.unit_size, 1)
@@ -144,16 +163,17 @@ class DataConfig:
         if not isinstance(self.device_share, (int, float)) or not 0.0 <= self.device_share <= 1.0:
             raise UserError(f"data.device_share={self.device_share!r} is not valid; it must be between 0 and 1")
         if self.resize is not None:
-            _at_least("data.resize", self.resize, 1)
+            _within("data.resize", self.resize, 1, MAX_IMAGE_SIDE, "pixels of the shorter side")
         if self.crop is not None:
-            _at_least("data.crop", self.crop, 1)
+            _within("data.crop", self.crop, 1, MAX_IMAGE_SIDE, "pixels of the crop's side")
         if self.interpolation is not None:
             _choice("data.interpolation", self.interpolation, INTERPOLATIONS)
         for name in ("mean", "std"):
             values = getattr(self, name)
-            if values is not None and (len(values) != 3 or (name == "std" and min(values) <= 0)):
-                raise UserError(f"data.{name}={list(values)} is not valid; it needs 3 values"
-                                f"{' > 0' if name == 'std' else ''} (one per RGB channel)")
+            if values is not None and (len(values) != 3 or not all(math.isfinite(v) for v in values)
+                                       or (name == "std" and min(values) < MIN_STD)):
+                raise UserError(f"data.{name}={list(values)} is not valid; it needs 3 finite values"
+                                f"{f' >= {MIN_STD}' if name == 'std' else ''} (one per RGB channel)")
         if self.resize is not None and self.crop is not None:
             self._check_crop(self.resize, self.crop, "")
         if self.format == "imagefolder" and not self.root:
@@ -164,7 +184,7 @@ class DataConfig:
     def check_settings_used(self) -> None:
         """Refuse a setting that the chosen data source never reads (`data.root=/my/images`
         without `data=imagefolder` would otherwise run the demo and exit 0), naming the source to
-        pick. Called once on the user's config: the pipeline itself fills data.shards for the demo."""
+        pick. Called once, on the user's config."""
         for name, formats in _FORMAT_SETTINGS.items():
             value, default = getattr(self, name), _DATA_DEFAULTS[name]
             if self.format in formats or value == default:
@@ -304,12 +324,12 @@ class CamConfig:
         if self.fuse is not None:
             _choice("cam.fuse", self.fuse, FUSE_MODES)
         if self.targets == "topk":
-            _at_least("cam.topk", self.topk, 1)
+            _within("cam.topk", self.topk, 1, MAX_CLASS_INDEX, "maps per image")
         if self.targets == "classes":
             if not self.classes:
                 raise UserError("cam.targets=classes needs cam.classes=[i,j,...] (class indices)")
             for index in self.classes:
-                _at_least("cam.classes[...]", index, 0)
+                _within("cam.classes[...]", index, 0, MAX_CLASS_INDEX, "a class index")
             repeated = sorted({index for index in self.classes if list(self.classes).count(index) > 1})
             if repeated:
                 raise UserError(f"cam.classes={list(self.classes)} repeats {repeated}: each class would get "
@@ -340,12 +360,14 @@ class OutputConfig:
     rerun with a different model, layer, method, targets or data is refused."""
 
     def __post_init__(self) -> None:
-        _at_least("output.queue_size", self.queue_size, 1)
+        _within("output.queue_size", self.queue_size, 1, 1024, "finished batches held for the writer")
+        self.dir = os.path.expanduser(self.dir)  # `output.dir=~/x` would otherwise be a folder named ~
         size = self.cam_size
         if isinstance(size, (list, tuple)):
-            if len(size) != 2 or not all(isinstance(side, int) and not isinstance(side, bool) and side >= 1
-                                         for side in size):
-                raise UserError(f"output.cam_size={list(size)} is not valid; use layer, input or [height, width]")
+            if len(size) != 2 or not all(isinstance(side, int) and not isinstance(side, bool)
+                                         and 1 <= side <= MAX_CAM_SIDE for side in size):
+                raise UserError(f"output.cam_size={list(size)} is not valid; use layer, input or [height, width] "
+                                f"with sides from 1 to {MAX_CAM_SIDE}")
             self.cam_size = [int(size[0]), int(size[1])]
         elif size not in ("layer", "input"):
             raise UserError(f"output.cam_size={size!r} is not valid; use layer, input or [height, width]")
@@ -395,7 +417,8 @@ class RuntimeConfig:
         _at_least("runtime.dist_timeout_minutes", self.dist_timeout_minutes, 1)
         _choice("runtime.device", self.device, DEVICES)
         _choice("runtime.amp", self.amp, AMP_MODES)
-        _at_least("runtime.threads", self.threads, 0)
+        _within("runtime.threads", self.threads, 0, 4 * (os.cpu_count() or 1),
+                "torch threads; 0 keeps torch's default, at most 4 per core of this machine")
 
 
 @dataclass

@@ -51,10 +51,20 @@ def config_hash(resolved: dict) -> str:
 
 
 def read_manifest(output_dir: str | Path) -> dict | None:
+    """The folder's manifest, None where there is none; a damaged one (empty, not JSON, not an
+    object) is one line naming the way out, on every rerun the same."""
     path = Path(output_dir) / MANIFEST_NAME
     if not path.is_file():
         return None
-    return json.loads(path.read_text())
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+        problem = None if isinstance(manifest, dict) else f"it holds a JSON {type(manifest).__name__}, not an object"
+    except (OSError, UnicodeDecodeError, ValueError) as error:
+        problem = f"{type(error).__name__}: {str(error).splitlines()[0][:120] if str(error) else 'unreadable'}"
+    if problem:
+        raise UserError(f"{path} is damaged ({problem}); it records how this folder's results were made: "
+                        "use output.overwrite=true to start over, or another output.dir")
+    return manifest
 
 
 def write_manifest(output_dir: str | Path, manifest: dict) -> None:

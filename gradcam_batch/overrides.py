@@ -80,6 +80,38 @@ def _brace_guess(values: list[str]) -> str:
     return f"{prefix}{{{','.join(middles)}}}{suffix}"
 
 
+def _check_types(tokens: list[str]) -> None:
+    """A value of the wrong type (`data.batch_size=abc`, `cam.classes=[1e30]`) in one line, as
+    the schema reads it, instead of Hydra's report over six lines with exit code 1."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    parser = OverridesParser.create()
+    schema = OmegaConf.structured(Config)
+    for token in tokens:
+        key = token.split("=", 1)[0]
+        if "." not in key or key.startswith(("+", "~", "hydra.")):
+            continue
+        try:
+            override = parser.parse_override(token)
+        except HydraException as error:
+            raise UserError(f"{token!r} cannot be read ({_first_line(error)}); quote values with spaces or "
+                            "special characters: \"key='value'\"") from None
+        if override.is_sweep_override():
+            continue  # each value of a sweep is checked when its job composes
+        try:
+            OmegaConf.update(schema, key, override.value(), merge=True)
+        except (OmegaConfBaseException, ValueError, TypeError) as error:
+            raise UserError(f"{token}: {_first_line(error)}") from None
+
+
+def _first_line(error: Exception) -> str:
+    lines = str(error).strip().splitlines()
+    return lines[0][:300] if lines else type(error).__name__
+
+
 def check_overrides(argv: list[str], config_dir: str | Path) -> None:
     """Raise UserError for the first override naming a group, option or key that does not exist."""
     config_dir = Path(config_dir)
@@ -107,3 +139,4 @@ def check_overrides(argv: list[str], config_dir: str | Path) -> None:
             keys = [f"{group}.{name}" for name in fields]
             raise UserError(f"{key!r} is not a setting of gradcam-batch{_suggest(key, keys)} "
                             f"(the {group} keys: {', '.join(fields)})")
+    _check_types(override_tokens(argv))
