@@ -72,7 +72,7 @@ def test_an_all_zero_head_gives_null_box_metrics_a_zero_maps_line_and_a_warning(
 
     second = run_cli(*args)  # nothing to do: the stored counts, and the same warning
     assert second.returncode == 0, second.stderr
-    assert "nothing to do: all" in second.stdout
+    assert "nothing to do: the only unit was already complete" in second.stdout
     assert "zero maps   5 of 5 stored maps have no positive evidence (all zero)" in second.stdout.splitlines()
     assert "pointing    none on layer layer4 (all 2 boxed maps are all zero, stored)" in second.stdout.splitlines()
     assert any("5 of 5 maps" in line for line in second.stderr.splitlines())

@@ -72,7 +72,7 @@ def test_a_second_run_says_everything_was_complete_and_shows_the_stored_results(
     pointing = [line for line in first.stdout.splitlines() if line.startswith("pointing")][0].split()[1]
     second = run_cli(*args)
     assert second.returncode == 0, second.stderr
-    assert "nothing to do: all" in second.stdout and "stored      120 rows, 0 errors" in second.stdout
+    assert "nothing to do: the only unit was already complete" in second.stdout and "stored      120 rows, 0 errors" in second.stdout
     assert f"pointing    {pointing}" in second.stdout and "img/s" not in second.stdout
 
 

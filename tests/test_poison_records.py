@@ -16,7 +16,7 @@ import pyarrow as pa
 import pyarrow.dataset as ds
 import pytest
 
-from cli_helpers import TINY_RESNET, read_cams, run_composed
+from cli_helpers import TINY_RESNET, merged, read_cams, run_composed
 from gradcam_batch.config import DataConfig
 from gradcam_batch.data.readers import iter_samples
 from gradcam_batch.data.shards import list_shards
@@ -426,8 +426,8 @@ def test_bombs_end_to_end_under_2_gb_and_rerun(tmp_path):
     big_member_tar(data / "sparse.tar", 3 * GIB, before, after, name="b.jpg")
     big_member_tar_gz(data / "zipped.tar.gz", 3 * GIB, before, after, name="b.jpg")
     out = tmp_path / "out"
-    args = [*TINY_RESNET, "data=webdataset", f"data.shards={data}/*.tar*", "data.num_workers=2", "data.unit_size=1",
-            f"output.dir={out}"]
+    args = merged(*TINY_RESNET, "data=webdataset", f"data.shards={data}/*.tar*", "data.num_workers=2",
+                  "data.unit_size=1", f"output.dir={out}")
     for attempt in ("first", "rerun"):
         result = subprocess.run([sys.executable, "-c", CHILD_RUN, *args], capture_output=True, text=True,
                                 timeout=300, env={**os.environ, "PYTHONWARNINGS": "ignore"})

@@ -19,7 +19,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from cli_helpers import TINY_RESNET, read_cams, run_composed
+from cli_helpers import TINY_RESNET, merged, read_cams, run_composed
 from gradcam_batch import UserError, dist
 from gradcam_batch.config import DataConfig
 from gradcam_batch.data.loader import ShardBatches, build_loader
@@ -354,9 +354,9 @@ def test_unit_size_is_validated():
 def test_kill_nine_then_resume_one_split_shard_exactly_once(tmp_path):
     expected = make_webdataset(tmp_path / "wds", shards=1, per_shard=120)
     out = tmp_path / "out"
-    args = [sys.executable, "-m", "gradcam_batch", *TINY_RESNET, "data=webdataset",
+    args = [sys.executable, "-m", "gradcam_batch", *merged(*TINY_RESNET, "data=webdataset",
             f"data.shards={tmp_path / 'wds'}/*.tar", "data.unit_size=6", "data.batch_size=3",
-            "data.num_workers=2", f"output.dir={out}"]
+            "data.num_workers=2", f"output.dir={out}")]
     rng = random.Random(7)
     progress = []
     for wait_for_parts in (3, 10):  # 20 units: kills land mid-unit, mid-rename or between units
