@@ -56,14 +56,15 @@ def _offline():
             constants.HF_HUB_OFFLINE = saved_constant
 
 
-def load_weight_file(path: str) -> dict:
-    """A state_dict from a local .safetensors or torch file, or a one-line UserError."""
-    from gradcam_batch.models import load_state_dict
+def load_weight_file(path: str, model: nn.Module) -> dict:
+    """A state_dict from a local .safetensors or torch file for `model`, or a one-line UserError."""
+    from gradcam_batch.models import check_weight_file_size, load_state_dict
 
     if not path.endswith(".safetensors"):
-        return load_state_dict(path)
+        return load_state_dict(path, model)
     if not os.path.isfile(path):
         raise UserError(f"model.weights={path!r}: file not found; pass an existing weights file")
+    check_weight_file_size(path, model)
     try:
         from safetensors.torch import load_file
 
@@ -98,7 +99,7 @@ def timm_model(cfg: ModelConfig) -> tuple[nn.Module, Preprocessing]:
             if not _is_file_like(weights):
                 raise UserError(f"model.weights={weights!r} for model=timm: pass a weights file, `pretrained` "
                                 "(timm's weights from the local cache) or null (random weights)")
-            state = load_weight_file(weights)
+            state = load_weight_file(weights, model)
             if isinstance(state.get("model"), dict):  # timm training checkpoints
                 state = state["model"]
             load_fitting(model, state, f"model.weights={weights!r} does not fit {cfg.name}")
@@ -150,13 +151,14 @@ def huggingface_model(cfg: ModelConfig) -> tuple[nn.Module, Preprocessing]:
     transformers.utils.logging.disable_progress_bar()
     kwargs = {} if cfg.num_classes is None else {"num_labels": cfg.num_classes, "ignore_mismatched_sizes": True}
     _refuse_custom_code(cfg.name)
+    _refuse_weights_smaller_than_the_model(transformers, cfg.name, kwargs)
     try:
         with _offline():
             # trust_remote_code=False: transformers raises instead of asking on stdin whether to run
             # the folder's own Python (a `y` piped in would run it)
             model, loading = transformers.AutoModelForImageClassification.from_pretrained(
                 cfg.name, local_files_only=True, output_loading_info=True, trust_remote_code=False, **kwargs)
-    except (OSError, ValueError, KeyError) as error:
+    except Exception as error:  # transformers raises many kinds; a pickled .bin it refuses among them
         _refuse_custom_code(cfg.name, error)
         where = "folder" if os.path.isdir(cfg.name) else "local folder, nor a model in the Hugging Face cache"
         raise UserError(f"model.name={cfg.name!r} is not an image-classification model's {where} "
@@ -167,6 +169,36 @@ def huggingface_model(cfg: ModelConfig) -> tuple[nn.Module, Preprocessing]:
     _warn_random_weights(cfg.name, loading)
     model.register_forward_hook(_logits_only)
     return model, _processor_recipe(transformers, cfg.name)
+
+
+_WEIGHT_FILE_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack")
+
+
+def _refuse_weights_smaller_than_the_model(transformers, name: str, kwargs: dict) -> None:
+    """A folder whose weight files are far smaller than the model its config describes (a big
+    ViT's config beside empty weights) would allocate the whole model and then run it on random
+    values: the model is sized on the meta device first, which allocates nothing."""
+    if not os.path.isdir(name):
+        return
+    try:
+        with _offline():
+            config = transformers.AutoConfig.from_pretrained(name, local_files_only=True, trust_remote_code=False,
+                                                             **({"num_labels": kwargs["num_labels"]}
+                                                                if "num_labels" in kwargs else {}))
+        with torch.device("meta"):
+            skeleton = transformers.AutoModelForImageClassification.from_config(config)
+    except Exception:  # not a config transformers can size: from_pretrained says what is wrong
+        return
+    from gradcam_batch.models import state_bytes
+
+    expected = state_bytes(skeleton)
+    stored = sum(entry.stat().st_size for entry in os.scandir(name)
+                 if entry.is_file() and entry.name.endswith(_WEIGHT_FILE_SUFFIXES))
+    # 4x slack: weights may be stored in 16 or 8 bits while the skeleton counts 32
+    if stored * 4 + 2**20 < expected:
+        raise UserError(f"model.name={name!r}: its weight files hold {stored / 2**20:,.1f} MiB, but the model its "
+                        f"config.json describes needs {expected / 2**20:,.0f} MiB; the weights are missing or cut "
+                        "short: save the whole classifier with save_pretrained")
 
 
 _CUSTOM_CODE_FILES = ("config.json", "preprocessor_config.json", "processor_config.json", "image_processor_config.json")
@@ -242,6 +274,12 @@ def _processor_recipe(transformers, name: str) -> Preprocessing:
     size = getattr(processor, "size", None) or {}
     crop_size = getattr(processor, "crop_size", None) or {}
     side = _size_value(size, "shortest_edge", "height", "width") or 224
+    from gradcam_batch.config import MAX_IMAGE_SIDE
+
+    for value in (side, _size_value(crop_size, "height", "width") or 0):
+        if value > MAX_IMAGE_SIDE:
+            raise UserError(f"model.name={name!r}: its image processor asks for {value}-pixel images, more than "
+                            f"{MAX_IMAGE_SIDE}; set data.resize and data.crop to the size the model was trained on")
     if getattr(processor, "do_center_crop", False) and crop_size:
         crop = _size_value(crop_size, "height", "width") or side
         resize = side

@@ -47,9 +47,38 @@ class DemoCNN(nn.Module):
         return self.classifier(self.pool(self.features(images)).flatten(1))
 
 
-def load_state_dict(path: str) -> dict:
+def state_bytes(model: nn.Module) -> int:
+    """Bytes of the model's parameters and buffers: what a fitting weights file holds."""
+    return sum(tensor.numel() * tensor.element_size() for tensor in model.state_dict().values())
+
+
+def check_weight_file_size(path: str, model: nn.Module) -> None:
+    """Refuse, before anything is read, a weights file whose tensors (uncompressed: torch.save's
+    zip may deflate them) are far more than the model holds: a 2 MB deflated file can unpack to
+    gigabytes, all allocated before load_state_dict could say it does not fit."""
+    import zipfile
+
+    try:
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as archive:
+                total = sum(info.file_size for info in archive.infolist())
+        else:
+            total = os.path.getsize(path)
+    except (OSError, zipfile.BadZipFile, ValueError):
+        return  # unreadable: torch.load says so in its own one line below
+    expected = state_bytes(model)
+    if total > 2 * expected + 64 * 2**20:
+        raise UserError(f"model.weights={path!r} holds {total / 2**20:,.0f} MiB of tensors (uncompressed), far more "
+                        f"than the model's {expected / 2**20:,.0f} MiB; pass the weights of this model")
+
+
+def load_state_dict(path: str, model: nn.Module | None = None) -> dict:
+    """A state_dict from a local torch file, loaded without running code. With `model`, a file far
+    larger than the model's tensors is refused before it is read."""
     if not os.path.isfile(path):
         raise UserError(f"model.weights={path!r}: file not found; pass an existing state_dict file")
+    if model is not None:
+        check_weight_file_size(path, model)
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # a pickle that needs code, or not a torch file at all
@@ -77,7 +106,7 @@ def _torchvision_model(cfg: ModelConfig) -> nn.Module:
     if weights is None:
         return model  # random init: the pipeline warns once the whole config is known to be valid
     if os.path.sep in weights or weights.endswith((".pt", ".pth", ".bin", ".ckpt")) or os.path.exists(weights):
-        state = load_state_dict(weights)
+        state = load_state_dict(weights, model)
     else:
         state = _hub_cached_weights(cfg.name, weights)
     load_fitting(model, state, f"model.weights={weights!r} does not fit {cfg.name}")

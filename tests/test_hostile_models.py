@@ -89,3 +89,82 @@ def test_weights_that_do_not_fit_the_model_are_refused(tmp_path):
     line = result.stderr.strip().splitlines()[-1]
     assert "do not fit" in line and "missing" in line and "classifier" in line, line
     assert not (tmp_path / "out" / "cams").exists()
+
+
+# --- model files that would allocate gigabytes before "does not fit" --------------------------
+
+def test_a_deflated_weights_file_far_larger_than_the_model_is_refused_before_it_is_read(tmp_path):
+    import zipfile
+
+    import torch
+
+    from cli_helpers import TINY_RESNET, run_cli
+
+    # a torch.save zip whose one tensor (~256 MiB of zeros) is deflated to a few hundred kB
+    plain = tmp_path / "plain.pth"
+    torch.save({"fc.weight": torch.zeros(64, 2**20)}, plain)
+    bomb = tmp_path / "bomb.pth"
+    with zipfile.ZipFile(plain) as source, zipfile.ZipFile(bomb, "w", zipfile.ZIP_DEFLATED) as target:
+        for info in source.infolist():
+            target.writestr(info.filename, source.read(info.filename))
+    assert bomb.stat().st_size < 2 * 2**20
+    result = run_cli(*TINY_RESNET, f"model.weights={bomb}", f"output.dir={tmp_path / 'out'}")
+    assert result.returncode == 2, result.stderr[-2000:]
+    line = result.stderr.strip().splitlines()[-1]
+    assert "MiB of tensors (uncompressed), far more than the model's" in line, line
+
+
+def test_a_weights_file_of_the_right_size_still_loads(tmp_path):
+    import torch
+    import torchvision
+
+    from gradcam_batch.models import load_state_dict
+
+    model = torchvision.models.resnet18()
+    torch.save(model.state_dict(), tmp_path / "r18.pth")
+    assert load_state_dict(str(tmp_path / "r18.pth"), model).keys() == model.state_dict().keys()
+
+
+def test_a_folder_whose_weights_are_far_smaller_than_its_config_is_refused_before_allocating(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    from safetensors.torch import save_file
+
+    folder = tmp_path / "big-vit"
+    folder.mkdir()
+    config = transformers.ViTConfig(hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
+                                    intermediate_size=3072, image_size=224, patch_size=16, num_labels=1000,
+                                    architectures=["ViTForImageClassification"])
+    config.save_pretrained(folder)
+    save_file({}, str(folder / "model.safetensors"))  # empty weights
+    result = run(*common(tmp_path, folder))
+    assert result.returncode == 2, result.stderr[-2000:]
+    line = result.stderr.strip().splitlines()[-1]
+    assert "weight files hold 0.0 MiB" in line and "missing or cut short" in line, line
+
+
+def test_a_processor_asking_for_huge_images_is_refused(tmp_path):
+    from test_model_families import save_tiny_hf_vit
+
+    folder = tmp_path / "vit"
+    save_tiny_hf_vit(folder, processor_size=40000)
+    result = run(*common(tmp_path, folder))
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "asks for 40000-pixel images" in result.stderr.strip().splitlines()[-1]
+
+
+def test_a_pickled_bin_is_one_line(tmp_path):
+    import pickle
+
+    from test_model_families import save_tiny_hf_vit
+
+    folder = tmp_path / "vit"
+    save_tiny_hf_vit(folder)
+    size = (folder / "model.safetensors").stat().st_size
+    (folder / "model.safetensors").unlink()
+    with open(folder / "pytorch_model.bin", "wb") as handle:  # a pickle, not a torch zip
+        pickle.dump({"x": 1}, handle)
+        handle.write(b"\0" * size)
+    result = run(*common(tmp_path, folder))
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith("gradcam-batch: error: model.name=")

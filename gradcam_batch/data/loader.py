@@ -4,6 +4,10 @@ a unit's last batch is flagged, so the writer knows when the unit's part file is
 
 from __future__ import annotations
 
+import functools
+import logging
+import os
+import sys
 from dataclasses import dataclass, field
 from typing import Iterator
 
@@ -15,6 +19,8 @@ from gradcam_batch.data.readers import iter_samples
 from gradcam_batch.data.shards import Shard
 from gradcam_batch.data.units import Unit, as_unit
 from gradcam_batch.data.transforms import boxes_from_meta, decode_resize_crop, device_jpeg_size, map_box
+
+log = logging.getLogger("gradcam_batch")
 
 
 @dataclass
@@ -144,4 +150,22 @@ def build_loader(units: list[Unit | Shard], cfg: DataConfig, pin_memory: bool,
         # queue lets the balance's corrections take effect sooner
         prefetch_factor=(2 if balance is not None else 4) if workers else None,
         persistent_workers=False,
+        worker_init_fn=functools.partial(die_with_parent, os.getpid()) if workers else None,
     )
+
+
+def die_with_parent(parent_pid: int, worker_id: int | None = None) -> None:
+    """A worker whose main process is killed (kill -9) may sit on its queues for good, holding
+    hundreds of MB and its shared-memory segments: on Linux the kernel ends it with the parent.
+    If the parent died before this ran, the worker ends here."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+    import signal
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(1, signal.SIGKILL, 0, 0, 0) != 0:  # 1 = PR_SET_PDEATHSIG
+        log.warning("DataLoader worker %s: prctl(PR_SET_PDEATHSIG) failed (errno %d); it may outlive a killed run",
+                    worker_id, ctypes.get_errno())
+    if os.getppid() != parent_pid:
+        os._exit(1)
