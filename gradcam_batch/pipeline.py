@@ -249,6 +249,7 @@ def _prepare(cfg: Config, device: torch.device):
         num_classes = model(sample).shape[1]
     engine = CamEngine(model, layers, cfg.cam, device, amp_dtype, num_classes=num_classes)
     layer_name = ",".join(layer.name for layer in layers)
+    _check_resized_maps_fit(cfg, len(layers) + (cfg.cam.fuse is not None))
     if shards is None:
         root = Path(cfg.output.dir) / "demo-data"  # never outside output.dir
         if dist.is_main():
@@ -260,6 +261,27 @@ def _prepare(cfg: Config, device: torch.device):
                  cfg.data.crop, cfg.data.interpolation, _rounded(cfg.data.mean), _rounded(cfg.data.std),
                  recipe.source)
     return channels_last, engine, layer_name, shards
+
+
+# What the resized maps of the batches in flight may take in host memory (float32 while made,
+# float16 stored, the writer's queue plus the batch in hand): the README promises < 2 GB a run.
+RESIZED_MAPS_BUDGET = 1 << 30
+
+
+def _check_resized_maps_fit(cfg: Config, layer_count: int) -> None:
+    """output.cam_size=[1000,1000] with a batch of 100 held 4.5 GB in the writer's queue: refuse a
+    combination whose maps in flight exceed the budget, naming the settings that shrink it."""
+    if cfg.output.cam_size == "layer":
+        return
+    height, width = ((cfg.data.crop, cfg.data.crop) if cfg.output.cam_size == "input"
+                     else tuple(cfg.output.cam_size))
+    rows = cfg.data.batch_size * cfg.cam.num_targets * layer_count
+    in_flight = (cfg.output.queue_size + 2) * rows * height * width * 6
+    if in_flight > RESIZED_MAPS_BUDGET:
+        raise UserError(f"output.cam_size={cfg.output.cam_size!r} ({height}x{width}) with data.batch_size="
+                        f"{cfg.data.batch_size}, {rows // cfg.data.batch_size} maps per image and output.queue_size="
+                        f"{cfg.output.queue_size} would hold {in_flight / 2**30:.1f} GiB of resized maps; lower one "
+                        f"of them (at most {RESIZED_MAPS_BUDGET / 2**30:.0f} GiB)")
 
 
 def run(cfg: Config, resolved: dict | None = None) -> Summary:

@@ -89,3 +89,17 @@ def test_a_damaged_manifest_is_one_line_and_overwrite_recovers(tmp_path, content
     fixed = run_cli(*TINY_RESNET, "data.demo_images=6", f"output.dir={out}", "output.overwrite=true")
     assert fixed.returncode == 0, fixed.stderr
     assert read_cams(out).num_rows == 6
+
+
+def test_resized_maps_that_would_fill_gigabytes_in_the_writers_queue_are_refused(tmp_path):
+    # the demo's batch of 100 with 1000x1000 maps held 4.5 GB in the writer's queue
+    result = run_cli("data.demo_images=8", "output.cam_size=[1000,1000]", "runtime.progress=false",
+                     f"output.dir={tmp_path / 'out'}")
+    assert result.returncode == 2, result.stderr
+    line = result.stderr.strip().splitlines()[-1]
+    assert "output.cam_size=[1000, 1000]" in line and "data.batch_size=100" in line and "GiB" in line, line
+    assert not (tmp_path / "out" / "cams").exists()
+    smaller = run_cli("data.demo_images=8", "output.cam_size=[1000,1000]", "data.batch_size=4", "output.queue_size=2",
+                      "runtime.progress=false", f"output.dir={tmp_path / 'out'}")
+    assert smaller.returncode == 0, smaller.stderr
+    assert read_cams(tmp_path / "out").column("cam_resized_height").to_pylist() == [1000] * 8
