@@ -170,11 +170,13 @@ def webdataset_run(tmp_path_factory):
 def write_synthetic(out: Path, sample_ids: list[str], shard: str, data: dict, *, classes: int = 6,
                     layers=(("layer3", 6), ("layer4", 4)), topk: int = 2, new_columns: bool = True,
                     files: int = 3, row_group: int | None = None, mixed_class: int | None = None,
-                    boxes: bool = True, seed: int = 0) -> None:
+                    boxes: bool = True, seed: int = 0, listing: dict | None = None) -> None:
     """An output folder as a run with the columns being added would write it: maps of two layers,
-    top-k targets, pred_class, pointing_hit (null for some samples), border_mass, entropy. Probs
-    are rounded to 2 decimals, so the galleries meet ties."""
+    top-k targets, pred_class, pointing_hit (null for some samples), border_mass, entropy, one
+    part file per unit (a slice of the shard). Probs are rounded to 2 decimals, so the galleries
+    meet ties. `listing`: the shards' records of the manifest's listing (None: no listing)."""
     rng = np.random.default_rng(seed)
+    units = []
     (out / "cams").mkdir(parents=True)
     (out / "errors").mkdir()
     count = len(sample_ids)
@@ -208,7 +210,10 @@ def write_synthetic(out: Path, sample_ids: list[str], shard: str, data: dict, *,
             for name in ("pred_class", "pointing_hit", "border_mass", "entropy"):
                 del columns[name]
         table = pa.table({name: pa.array(values, types.get(name, pa.string())) for name, values in columns.items()})
-        pq.write_table(table, out / "cams" / f"part-{shard}@{part}.parquet", row_group_size=row_group)
+        table = table.replace_schema_metadata({b"gradcam_batch": json.dumps({"model": "synthetic-net"}).encode()})
+        unit = f"{shard}@{chunk[0]:08d}-{chunk[-1] + 1:08d}"
+        units.append(unit)
+        pq.write_table(table, out / "cams" / f"part-{unit}.parquet", row_group_size=row_group)
     manifest = {"status": "complete", "model": "synthetic-net", "target_layer": ",".join(n for n, _ in layers),
                 "method": "gradcam", "config": {"data": data, "model": {"source": "torchvision", "name": "resnet18"},
                                                 "cam": {"method": "gradcam", "targets": "topk", "topk": topk,
@@ -217,7 +222,18 @@ def write_synthetic(out: Path, sample_ids: list[str], shard: str, data: dict, *,
                                   "interpolation": "bilinear"},
                 "this_run": {"images": count, "rows": count * topk * len(layers), "errors": 0, "seconds": 1.5,
                              "images_per_second": count / 1.5, "steady_images_per_second": None}}
+    if listing is not None:
+        manifest["listing"] = {"shards": listing, "units": {unit: {"shard": shard} for unit in units}}
     (out / "_manifest.json").write_text(json.dumps(manifest))
+
+
+def imagefolder_listing(root: Path, shard_size: int = 1000) -> dict:
+    """The listing's shard records a run over the ImageFolder at `root` writes."""
+    from gradcam_batch.config import DataConfig
+    from gradcam_batch.data.shards import list_shards
+
+    return {shard.shard_id: shard.source()
+            for shard in list_shards(DataConfig(format="imagefolder", root=str(root), shard_size=shard_size))}
 
 
 @pytest.fixture(scope="module")
@@ -227,7 +243,8 @@ def synthetic(tmp_path_factory):
     root, out = base / "data", base / "out"
     samples = make_imagefolder(root, per_class=(4,) * 6)
     data = {"format": "imagefolder", "root": str(root), "resize": None, "crop": None, "shard_size": 1000}
-    write_synthetic(out, [path for path, _ in samples], "imagefolder-00000", data, mixed_class=2)
+    write_synthetic(out, [path for path, _ in samples], "imagefolder-00000", data, mixed_class=2,
+                    listing=imagefolder_listing(root))
     return root, out
 
 
@@ -482,7 +499,7 @@ def test_an_output_without_the_new_columns_still_reports(tmp_path):
     assert "Not in this output (no column, or no values): pointing_hit, border_mass, entropy" in page.text("classes")
     assert len(page.card_ids("gallery-high")) == 8
     warnings = re.findall(r'<p class="warn">(.*?)</p>', text)
-    assert len(warnings) == 1 and "matches no file" in warnings[0]
+    assert len(warnings) == 1 and "the manifest holds no listing of the run" in warnings[0]  # nothing to check against
 
 
 @pytest.mark.parametrize("engine", ENGINES)
@@ -516,9 +533,10 @@ def write_schema_output(out: Path, rows: list[dict], data: dict, files: int = 2)
     """An output folder of `rows` (dicts; absent columns null) in the writer's CAM_SCHEMA."""
     (out / "cams").mkdir(parents=True)
     (out / "errors").mkdir()
+    schema = CAM_SCHEMA.with_metadata({b"gradcam_batch": json.dumps({"model": "schema-net"}).encode()})
     for part in range(files):
-        table = pa.Table.from_pylist(rows[part::files], schema=CAM_SCHEMA)
-        pq.write_table(table, out / "cams" / f"part-shard-0000@{part}.parquet", row_group_size=7)
+        table = pa.Table.from_pylist(rows[part::files], schema=schema)
+        pq.write_table(table, out / "cams" / f"part-shard-0000@{part:08d}-{part + 1:08d}.parquet", row_group_size=7)
     manifest = {"status": "complete", "model": "schema-net", "method": "gradcam",
                 "config": {"data": data, "cam": {"targets": "topk", "topk": 2}},
                 "preprocessing": {"resize": 32, "crop": 32}}
@@ -667,7 +685,7 @@ def test_rows_without_a_readable_heatmap_fall_back_to_the_map(tmp_path):
     for i in (1, 2, 4, 5):  # the map alone: the colour scale over the crop, not one solid colour
         assert colours[f"s{i:02d}"].std(axis=(0, 1)).max() > 20
     warnings = re.findall(r'<p class="warn">(.*?)</p>', text)
-    assert len(warnings) == 1 and "matches no file" in warnings[0]
+    assert len(warnings) == 1 and "the manifest holds no listing of the run" in warnings[0]  # nothing to check against
 
 
 def test_a_run_with_heatmap_png_and_faithfulness(tmp_path):
@@ -751,6 +769,7 @@ def write_big_output(out: Path, files: int, rows_per_file: int = 2_500, side: in
             "cam": pa.ListArray.from_arrays(pa.array(offsets), pa.array(base[pick].reshape(-1))),
             "cam_height": pa.array(np.full(n, side, np.int32)), "cam_width": pa.array(np.full(n, side, np.int32)),
             "layer": pa.array(["layer4"] * n)})
+        table = table.replace_schema_metadata({b"gradcam_batch": b'{"model": "big"}'})
         pq.write_table(table, out / "cams" / f"part-shard{part}.parquet", row_group_size=256)
     manifest = {"status": "complete", "model": "big", "method": "gradcam",
                 "config": {"data": {"format": "webdataset", "shards": str(out / "gone" / "*.tar")},
@@ -816,7 +835,7 @@ def test_bad_folders_are_one_line_exit_2(tmp_path, synthetic):
     (foreign / "cams").mkdir(parents=True)
     pq.write_table(pa.table({"a": [1, 2]}), foreign / "cams" / "x.parquet")
     one_line_error(run_report(str(foreign)), "does not hold gradcam-batch maps")
-    (foreign / "cams" / "x.parquet").write_bytes(b"not parquet at all")
+    (foreign / "cams" / "part-x.parquet").write_bytes(b"not parquet at all")
     one_line_error(run_report(str(foreign)), "cannot read")
     sweep = tmp_path / "sweep"
     for job in ("0", "1"):
@@ -919,7 +938,8 @@ def test_engines_agree_when_an_all_zero_map_has_no_statistics(tmp_path):
         "border_mass": pa.array([None, 1.0, 1.0, None], pa.float32()),
         "entropy": pa.array([None, 0.0, 1.0, None], pa.float32()),
     })
-    pq.write_table(pa.table(columns, schema=CAM_SCHEMA), out / "cams" / "part-a.parquet")
+    schema = CAM_SCHEMA.with_metadata({b"gradcam_batch": b"{}"})
+    pq.write_table(pa.table(columns, schema=schema), out / "cams" / "part-a.parquet")
     (out / "_manifest.json").write_text(json.dumps({"config": {}, "status": "complete"}))
     source = open_output(out)
     arrow, duck = overview_arrow(source, None, 4), overview_duckdb(source, None, 4)

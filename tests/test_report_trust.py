@@ -43,16 +43,15 @@ def row(sample_id: str, target_class: int, prob: float, cam: list[float], *, ran
 def write_output(out: Path, rows: list[dict], data: dict, *, drop: tuple[str, ...] = (), manifest: dict | None = None,
                  metadata: dict | None = None, files: int = 2) -> None:
     """An output folder of `rows` in CAM_SCHEMA (less the `drop` columns), with `manifest`
-    (None: none) and `metadata` embedded in the part files."""
+    (None: none) and `metadata` embedded in the part files (None: metadata that records nothing)."""
     (out / "cams").mkdir(parents=True)
     (out / "errors").mkdir()
     schema = pa.schema([field for field in CAM_SCHEMA if field.name not in drop])
-    if metadata is not None:
-        schema = schema.with_metadata({b"gradcam_batch": json.dumps(metadata).encode()})
+    schema = schema.with_metadata({b"gradcam_batch": json.dumps(metadata or {}).encode()})
     for part in range(files):
         table = pa.Table.from_pylist([{k: v for k, v in r.items() if k not in drop} for r in rows[part::files]],
                                      schema=schema)
-        pq.write_table(table, out / "cams" / f"part-shard-0000@{part}.parquet", row_group_size=5)
+        pq.write_table(table, out / "cams" / f"part-shard-0000@{part:08d}-{part + 1:08d}.parquet", row_group_size=5)
     if manifest is not None:
         (out / "_manifest.json").write_text(json.dumps(manifest))
 

@@ -1,6 +1,7 @@
 """gradcam-batch-report: one self-contained HTML page about an output folder.
 
     gradcam-batch-report OUTPUT_DIR [--out FILE.html] [--per-gallery N] [--max-classes N] [--layer NAME]
+                         [--no-images]
     python -m gradcam_batch.report OUTPUT_DIR
 
 The page holds a run summary, a per-class table, the class-mean maps, galleries (highest and
@@ -20,6 +21,18 @@ shards that hold the wanted samples, and decoded with the run's own resize and c
 lies over exactly the pixels it explains. When the data cannot be read any more, those cards
 show the maps alone and the page says why.
 
+An output folder may come from someone else, and the page is made to be shared, so the folder
+decides nothing it has not proven. Images (and an ImageFolder's class names) are read only from
+the shards the manifest's listing names, and only once the files still match it: a tar or
+Parquet shard's path, size and modification time; an ImageFolder shard's names, labels, sizes
+and modification times, listed again. A card whose sample the listing does not name, or whose
+shard fails the check, shows the map alone with the reason; stderr and the page name the data
+read, and --no-images reads none. Only the tool's part files are counted (source: the names
+writer.part_name gives, the units of the listing, the tool's metadata and columns, rows of their
+own shard); the others in cams/ and errors/ are named as not read. A manifest that is not an
+object of objects, or over 64 MiB, and --per-gallery or --max-classes past their ceilings are
+one line, exit code 2.
+
 The layer reported on (--layer, else the one the run summary speaks of: the fused maps, else the
 last target layer, as recorded in the manifest or the part files' metadata) is named with every
 number of it. All-zero maps (no positive evidence: cam_max_raw = 0, else every value 0; a model
@@ -37,10 +50,11 @@ The package, by what each module holds:
     source      the output folder: manifest, part files, schema; ReportError; batch reading
     queries     the small columns: per-class statistics and gallery rows (DuckDB or pyarrow), errors
     maps        the streaming pass over the maps: class means, the gallery rows' maps and heatmaps
+    listing     which data may be read back: the listing's shards, checked against the files as they are
     images      gallery images read back from the dataset as the run decoded them
     pictures    colour scale, upsampling, overlays, stored PNGs, data: URIs
     page        the HTML sections and the page
-    build       build_report: from the folder to the written page
+    build       build_report: from the folder to the written page; the options' ceilings
     cli         argument parsing and main
 """
 

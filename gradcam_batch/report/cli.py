@@ -9,8 +9,8 @@ from typing import Optional
 
 import pyarrow as pa
 
-from gradcam_batch.report.build import build_report
-from gradcam_batch.report.source import PROG, ReportError, _first_line
+from gradcam_batch.report.build import MAX_CLASSES, MAX_PER_GALLERY, build_report
+from gradcam_batch.report.source import PROG, ReportError, _first_line, _skipped_text
 
 
 def _read_errors() -> tuple[type[BaseException], ...]:
@@ -28,7 +28,7 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
-def _at_least(minimum: int):
+def _within(minimum: int, maximum: int, why: str):
     def parse(text: str) -> int:
         try:
             value = int(text)
@@ -36,6 +36,8 @@ def _at_least(minimum: int):
             raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
         if value < minimum:
             raise argparse.ArgumentTypeError(f"{value} is less than {minimum}")
+        if value > maximum:
+            raise argparse.ArgumentTypeError(f"{value} is over the ceiling of {maximum} ({why})")
         return value
     return parse
 
@@ -45,10 +47,12 @@ def parser() -> argparse.ArgumentParser:
                                            "class-mean maps, galleries, errors) about a gradcam-batch output folder.")
     parse.add_argument("output_dir", help="the output.dir of a gradcam-batch run")
     parse.add_argument("--out", metavar="FILE.html", help="the HTML file to write (default: OUTPUT_DIR/report.html)")
-    parse.add_argument("--per-gallery", type=_at_least(0), default=8, metavar="N",
-                       help="cards per gallery (default 8; 0: no galleries)")
-    parse.add_argument("--max-classes", type=_at_least(1), default=50, metavar="N",
-                       help="classes in the table and the class means: the N most frequent (default 50)")
+    parse.add_argument("--per-gallery", type=_within(0, MAX_PER_GALLERY, "each card inlines a picture in the page"),
+                       default=8, metavar="N", help=f"cards per gallery (default 8; 0: no galleries; at most "
+                                                    f"{MAX_PER_GALLERY})")
+    parse.add_argument("--max-classes", type=_within(1, MAX_CLASSES, "each class adds a row and a picture"),
+                       default=50, metavar="N", help=f"classes in the table and the class means: the N most "
+                                                     f"frequent (default 50; at most {MAX_CLASSES})")
     parse.add_argument("--layer", metavar="NAME",
                        help="the layer to report on when the output has several (default: the one the run summary "
                             "speaks of: the fused maps, else the last target layer; the first name in sorted order "
@@ -56,8 +60,10 @@ def parser() -> argparse.ArgumentParser:
     parse.add_argument("--engine", choices=("auto", "duckdb", "pyarrow"), default="auto",
                        help="what computes the statistics: DuckDB where installed (auto), or pyarrow")
     parse.add_argument("--no-images", action="store_true",
-                       help="do not read the dataset: gallery cards show the maps alone (or the heatmap_png "
-                            "the run stored)")
+                       help="do not read the dataset at all: gallery cards show the maps alone (or the heatmap_png "
+                            "the run stored). Without it, images are read only from the shards the output's "
+                            "listing names, once their files match it (path, size, modification time), and "
+                            "stderr names what was read")
     return parse
 
 
@@ -81,6 +87,12 @@ def main(argv: Optional[list[str]] = None) -> int:
     if report.zero_maps * 2 > report.maps:  # the page warns too; a scripted run should not miss it
         print(f"{PROG}: warning: {report.zero_maps:,} of {report.maps:,} rank-0 maps of layer "
               f"{report.layer or '(unnamed)'} are all zero (no positive evidence; see the page)", file=sys.stderr)
+    if report.skipped:
+        print(f"{PROG}: note: not read: {len(report.skipped)} file(s) that are not this tool's part files of this "
+              f"output ({_skipped_text(list(report.skipped))})", file=sys.stderr)
+    if report.images_from:
+        print(f"{PROG}: note: images: {report.images_shown} gallery images read from {report.images_from} into "
+              "the page; --no-images leaves the dataset out", file=sys.stderr)
     if report.note and not args.no_images:
         print(f"{PROG}: note: images: {report.note}", file=sys.stderr)
     return 0

@@ -1,6 +1,8 @@
 """Gallery images read back from the dataset the run read (the manifest's `data` config, with the
 preprocessing it recorded), only from the shards that hold the wanted samples, and decoded with
-the run's own resize and crop, so that each map lies over exactly the pixels it explains."""
+the run's own resize and crop, so that each map lies over exactly the pixels it explains. Only
+shards that the folder's own listing names, and whose files still match it, are read (listing);
+so are the class names of an ImageFolder."""
 
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ from typing import Optional
 
 import numpy as np
 
+from gradcam_batch.report.listing import check_shards, described, listed_shards
 from gradcam_batch.report.pictures import CARD_SIZE
 from gradcam_batch.report.source import ReportError, _first_line
 
@@ -32,6 +35,8 @@ class Images:
     class_names: dict[int, str] = field(default_factory=dict)
     crop: int = CARD_SIZE
     """The run's crop: the size of a map drawn alone."""
+    read_from: Optional[str] = None
+    """The data the images were read from (data.root, or the shard files), checked against the listing."""
 
 
 def data_config(manifest: dict, output_dir: Path):
@@ -53,22 +58,29 @@ def data_config(manifest: dict, output_dir: Path):
     return DataConfig(**{key: value for key, value in data.items() if key in known})
 
 
-def _class_names(cfg) -> dict[int, str]:
+def _class_names(cfg, root: Optional[str]) -> dict[int, str]:
+    """The demo's classes; an ImageFolder's sorted class folders, only of a root whose files matched
+    the run's listing (`root`): a crafted data.root would put the names of any folder in the page."""
     if cfg.format == "demo":
         from gradcam_batch.models import DEMO_CLASSES
 
         return dict(enumerate(DEMO_CLASSES))
-    if cfg.format == "imagefolder" and cfg.root and os.path.isdir(os.path.expanduser(cfg.root)):
-        root = Path(os.path.expanduser(cfg.root))  # labels are the sorted class folders' indices
-        return dict(enumerate(sorted(entry.name for entry in root.iterdir()
+    if cfg.format == "imagefolder" and root:
+        return dict(enumerate(sorted(entry.name for entry in os.scandir(root)
                                      if entry.is_dir() and not entry.name.startswith("."))))
     return {}
 
 
-def run_class_names(manifest: dict, output_dir: Path) -> dict[int, str]:
-    """The class names, where the run's data config says them; {} where it cannot be rebuilt."""
+def run_class_names(manifest: dict, output_dir: Path, read: bool = True) -> dict[int, str]:
+    """The class names, where the run's data config says them; {} where it cannot be rebuilt. An
+    ImageFolder's only when `read` (the dataset may be read) and a shard of the listing matches."""
     try:
-        return _class_names(data_config(manifest, output_dir))
+        cfg = data_config(manifest, output_dir)
+        root = None
+        if read and cfg.format == "imagefolder":
+            records = listed_shards(manifest) or {}
+            root = check_shards(cfg, manifest, output_dir, set(sorted(records)[:1])).root
+        return _class_names(cfg, root)
     except Exception:  # noqa: BLE001 -- names are a nicety
         return {}
 
@@ -86,45 +98,57 @@ def _first_box(meta) -> Optional[list]:
 
 
 def read_images(manifest: dict, output_dir: Path, wanted: set[tuple[str, str]]) -> Images:
-    """Decode the wanted samples as the run did, reading only the shards that hold them."""
+    """Decode the wanted samples as the run did, reading only the shards that hold them, of those
+    only the ones the run's listing names and that still match it."""
     images = Images()
     try:
         cfg = data_config(manifest, output_dir)
-        images.class_names = _class_names(cfg)
     except Exception as error:  # noqa: BLE001 -- any reason becomes the page's one line
         images.note = f"the run's data config cannot be rebuilt ({_first_line(error)})"
         return images
+    if listed_shards(manifest) is None:
+        images.class_names = _class_names(cfg, None)
+        if wanted:
+            images.note = ("the manifest holds no listing of the run's data (shards, sizes, modification times) "
+                           "to check the dataset against: it is not read")
+        return images
     if not wanted:
+        images.class_names = run_class_names(manifest, output_dir)
         return images
     if not cfg.resize or not cfg.crop:
+        images.class_names = run_class_names(manifest, output_dir)
         images.note = "the manifest does not record the run's resize and crop"
         return images
     try:
         from gradcam_batch.data.readers import iter_samples
         from gradcam_batch.data.records import printable
-        from gradcam_batch.data.shards import list_shards
         from gradcam_batch.data.transforms import decode_resize_crop
 
-        shards = {shard.shard_id: shard for shard in list_shards(cfg)}
-    except Exception as error:  # noqa: BLE001 -- a moved dataset, an unreadable folder, ...
+        checked = check_shards(cfg, manifest, output_dir, {shard_id for shard_id, _ in wanted})
+    except Exception as error:  # noqa: BLE001 -- an unreadable folder, ...
         images.note = f"the dataset cannot be read any more: {_first_line(error)}"
         return images
-    listing = ((manifest.get("listing") or {}).get("shards")) or {}
+    images.class_names = _class_names(cfg, checked.root)
     by_shard: dict[str, set[str]] = {}
     for shard_id, sample_id in wanted:
         by_shard.setdefault(shard_id, set()).add(sample_id)
-    changed = []
+    read = []
     for shard_id, sample_ids in sorted(by_shard.items()):
-        shard = shards.get(shard_id)
+        shard = checked.shards.get(shard_id)
         if shard is None:
             for sample_id in sample_ids:
-                images.problems[(shard_id, sample_id)] = f"shard {shard_id} is no longer in the dataset"
+                images.problems[(shard_id, sample_id)] = checked.problems[shard_id]
             continue
-        if shard_id in listing and listing[shard_id] != shard.source():
-            changed.append(shard_id)
-        if shard.format == "imagefolder":  # read only the wanted files, not the whole shard
+        if shard.format == "imagefolder":  # read only the wanted files the listing names, not the whole shard
+            named = {printable(path) for path, _ in shard.files}
+            for sample_id in sample_ids - named:
+                images.problems[(shard_id, sample_id)] = f"not a file of shard {shard_id} in the run's listing"
             shard = dataclasses.replace(shard, files=[(path, label) for path, label in shard.files
                                                       if printable(path) in sample_ids])
+            sample_ids = sample_ids & named
+            if not sample_ids:
+                continue
+        read.append(shard)
         left = set(sample_ids)
         try:
             for sample in iter_samples(shard, cfg):
@@ -152,12 +176,14 @@ def read_images(manifest: dict, output_dir: Path, wanted: set[tuple[str, str]]) 
             left = set()
         for sample_id in left:
             images.problems[(shard_id, sample_id)] = f"no longer in shard {shard_id}"
-    if changed:
-        images.note = (f"{len(changed)} shard(s) changed since the run ({', '.join(changed[:3])}"
-                       f"{', ...' if len(changed) > 3 else ''}): their images may not match the maps")
-    elif wanted and not images.pictures:
+    images.read_from = described(read) or None
+    refused = sorted(shard_id for shard_id in by_shard if shard_id in checked.problems)
+    if wanted and not images.pictures:
         reasons = sorted(set(images.problems.values()))
         images.note = f"none of the gallery images could be read ({reasons[0] if reasons else 'unknown'})"
+    elif refused:
+        named = ", ".join(refused[:3]) + (", ..." if len(refused) > 3 else "")
+        images.note = f"{len(refused)} shard(s) not read ({named}): {checked.problems[refused[0]]}"
     return images
 
 

@@ -24,7 +24,9 @@ main { max-width: 1200px; margin: 0 auto; padding: 24px 28px 60px; }
 h1 { font-size: 24px; margin: 0 0 4px; }
 h2 { font-size: 18px; margin: 36px 0 8px; padding-bottom: 4px; border-bottom: 2px solid var(--line); }
 p.lead, p.note { color: var(--muted); margin: 4px 0 12px; }
-p.warn { background: #fff6e0; border: 1px solid #f0d58c; padding: 6px 10px; border-radius: 4px; margin: 8px 0; }
+p.warn, div.warn { background: #fff6e0; border: 1px solid #f0d58c; padding: 6px 10px; border-radius: 4px;
+       margin: 8px 0; }
+div.warn p, div.warn ul { margin: 2px 0; }
 div.alarm { background: #fdecea; border: 2px solid #c62828; color: #7f1010; padding: 10px 14px; border-radius: 6px;
        margin: 12px 0; font-size: 15px; }
 nav { margin: 8px 0 0; font-size: 13px; }
@@ -71,6 +73,11 @@ def _class_label(target_class: int, names: dict[int, str]) -> str:
     return f"{target_class} ({name})" if name is not None else str(target_class)
 
 
+def _count(value) -> bool:
+    """Whether a manifest value is a count as a run writes one (a non-negative integer)."""
+    return type(value) is int and value >= 0
+
+
 def _kv_table(rows: list[tuple[str, str]]) -> str:
     body = "".join(f"<tr><th>{_e(key)}</th><td>{value}</td></tr>" for key, value in rows)
     return f'<table class="kv">{body}</table>'
@@ -109,8 +116,10 @@ def _targets(cam: dict) -> str:
         return f"topk (k = {cam.get('topk')})"
     if targets == "classes":
         return f"classes {cam.get('classes')}"
-    return {"pred": "pred (the top-1 prediction)", "label": "label (the sample's label, else the prediction)"}.get(
-        targets, str(targets) if targets is not None else "-")
+    known = {"pred": "pred (the top-1 prediction)", "label": "label (the sample's label, else the prediction)"}
+    if isinstance(targets, str) and targets in known:
+        return known[targets]
+    return str(targets) if targets is not None else "-"
 
 
 def summary_section(source: Source, overview: Overview, layer: str, errors_total: int) -> str:
@@ -168,15 +177,18 @@ def summary_section(source: Source, overview: Overview, layer: str, errors_total
         rows.append(("Top-1 accuracy", f"{_e(_fraction(correct, labeled))} {of_layer}"))
     hits, known = sum(s.hits for s in stats), sum(s.hit_known for s in stats)
     pointing = manifest.get("pointing") or {}
+    run_hits, run_total = pointing.get("hits", 0), pointing.get("total")
+    if not (_count(run_hits) and _count(run_total)):  # not what a run writes: no number to show
+        run_hits, run_total = 0, 0
     if known:
         rows.append(("Pointing game", f"{_e(_fraction(hits, known))} <span class='note'>(rank-0 maps of layer "
                                       f"{_layer(layer)} with a box{', all-zero maps left out' if zero else ''})"
                                       "</span>"))
-    elif pointing.get("total") and source.has("pointing_hit") and zero:  # every boxed map is all zero
+    elif run_total and source.has("pointing_hit") and zero:  # every boxed map is all zero
         rows.append(("Pointing game", f"- <span class='note'>(no rank-0 map of layer {_layer(layer)} with a box "
                                       "has positive evidence)</span>"))
-    elif pointing.get("total"):  # an output without the column: the run's own count, of its summary's layer
-        rows.append(("Pointing game", f"{_e(_fraction(int(pointing.get('hits', 0)), int(pointing['total'])))} "
+    elif run_total:  # an output without the column: the run's own count, of its summary's layer
+        rows.append(("Pointing game", f"{_e(_fraction(run_hits, run_total))} "
                                       f"<span class='note'>(the run's count, maps of layer "
                                       f"{_layer(run_layer(source) or '')})</span>"))
     if manifest.get("this_run"):
@@ -184,7 +196,9 @@ def summary_section(source: Source, overview: Overview, layer: str, errors_total
     pre = manifest.get("preprocessing") or {}
     if pre:
         def listed(values):
-            return "[" + ", ".join(f"{v:.4g}" for v in values) + "]" if isinstance(values, list) else _e(values)
+            if not isinstance(values, list):
+                return _e(values)
+            return "[" + ", ".join(f"{v:.4g}" if isinstance(v, (int, float)) else _e(v) for v in values) + "]"
         rows.append(("Preprocessing", f"resize {_e(pre.get('resize'))}, center crop {_e(pre.get('crop'))}, "
                                       f"{_e(pre.get('interpolation'))}, mean {listed(pre.get('mean'))}, "
                                       f"std {listed(pre.get('std'))}"))
@@ -194,7 +208,23 @@ def summary_section(source: Source, overview: Overview, layer: str, errors_total
     versions = manifest.get("versions") or {}
     if versions:
         rows.append(("Versions", _e(", ".join(f"{k} {v}" for k, v in versions.items()))))
-    return f'<section id="summary"><h2>Run summary</h2>{_kv_table(rows)}</section>'
+    return f'<section id="summary"><h2>Run summary</h2>{_kv_table(rows)}{_skipped(source)}</section>'
+
+
+SKIPPED_SHOWN = 20
+
+
+def _skipped(source: Source) -> str:
+    """The files in cams/ and errors/ left out, named (a user's own file, a copy or merge of the
+    part files would otherwise count rows twice or add a layer of nothing)."""
+    if not source.skipped:
+        return ""
+    count = len(source.skipped)
+    items = "".join(f"<li><code>{_e(name)}</code>: {_e(why)}</li>" for name, why in source.skipped[:SKIPPED_SHOWN])
+    more = f"<li>and {count - SKIPPED_SHOWN:,} more</li>" if count > SKIPPED_SHOWN else ""
+    what = f"{count:,} files in cams/ or errors/ that are" if count != 1 else "1 file in cams/ or errors/ that is"
+    return (f'<div class="warn skipped"><p>Not read: {what} not one of this tool\'s part files of this output; the '
+            f"numbers on this page leave {'them' if count != 1 else 'it'} out.</p><ul>{items}{more}</ul></div>")
 
 
 MEANING = {
@@ -356,8 +386,9 @@ def _card(row: dict, key: str, scan: MapScan, images: Images, fallback: bool = F
         src = data_uri(overlay(picture, cam, images.boxes.get(slot)), "JPEG", CARD_SIZE)
     else:
         src = data_uri(heatmap(cam, min(CARD_SIZE, images.crop)), "JPEG")
-        if slot in images.problems and not images.note:
-            caption += f'<span class="why">{_e(images.problems[slot])}</span>'
+        reason = images.problems.get(slot)
+        if reason and (images.pictures or reason not in (images.note or "")):  # else the page says it once
+            caption += f'<span class="why">{_e(reason)}</span>'
     figure = f'<figure class="{" ".join(classes)}">' if classes else "<figure>"
     return (f'{figure}<img class="cam" alt="map of {_e(row["sample_id"])}" src="{src}">'
             f"<figcaption>{caption}</figcaption></figure>")
@@ -399,6 +430,10 @@ def gallery_sections(source: Source, overview: Overview, per_gallery: int, scan:
         intro += (f" The {overview.zero_maps:,} all-zero maps (no positive evidence) are left out: their values "
                   "rank nothing and their pictures show nothing.")
     parts = [f'<section id="galleries"><h2>Galleries</h2><p class="lead">{intro}</p>']
+    if images.read_from:
+        parts.append(f'<p class="note read-from">The gallery images were read back from {_e(images.read_from)}, '
+                     "each file checked against the run's listing (path, size, modification time) before it was "
+                     "read. <code>--no-images</code> writes the page without reading the dataset.</p>")
     if images.note:
         parts.append(f'<p class="warn">Images: {_e(images.note)}; cards without an image show the map alone.</p>')
     parts.append("</section>")
