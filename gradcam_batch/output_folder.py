@@ -1,15 +1,18 @@
 """What an output folder holds and who may write it: the run manifest, which files are this
-tool's, the checks a resume makes before trusting a part file, and the lock that keeps one run
-per folder. The part files themselves are written by `writer`."""
+tool's, its own entries (never links: nothing is written or deleted through one), the checks a
+resume makes before trusting a part file, and the lock that keeps one run per folder. The part
+files themselves are written by `writer`."""
 
 from __future__ import annotations
 
 import errno
 import fcntl
+import fnmatch
 import json
 import logging
 import os
 import socket
+import stat
 from pathlib import Path
 
 import pyarrow as pa
@@ -17,8 +20,9 @@ import pyarrow.parquet as pq
 
 from gradcam_batch import UserError
 
-from gradcam_batch.writer import (CAM_SCHEMA, ERROR_SCHEMA, LOCK_NAME, MANIFEST_NAME, TMP_DIR, _fsync_rename,
-                                  _temporary, _writing, part_name)
+from gradcam_batch.writer import (CAM_SCHEMA, ERROR_SCHEMA, LOCK_NAME, MANIFEST_NAME, TMP_DIR, UNIT_TOTALS_KEY,
+                                  _fsync_rename, _temporary, _writing, is_regular, make_folder, part_name,
+                                  regular_files)
 
 log = logging.getLogger("gradcam_batch")
 
@@ -28,6 +32,8 @@ log = logging.getLogger("gradcam_batch")
 # location do not, so a resume may change them. Nor does data.unit_size: a resume keeps the
 # split its manifest recorded.
 REPORT_NAME = "report.html"  # where gradcam-batch-report writes by default
+# what gradcam-batch-report writes beside cams/ (report/strategies.py), stale once the rows change
+STRATEGIES_NAMES = ("strategies.parquet", "strategies_classes.parquet")
 
 _IDENTITY_KEYS = {
     "data": ("format", "root", "shards", "shard_size", "image_column", "label_column", "id_column",
@@ -70,8 +76,7 @@ def read_manifest(output_dir: str | Path) -> dict | None:
 def write_manifest(output_dir: str | Path, manifest: dict) -> None:
     output_dir = Path(output_dir)
     final = output_dir / MANIFEST_NAME
-    with _writing(output_dir / TMP_DIR, "create"):
-        (output_dir / TMP_DIR).mkdir(parents=True, exist_ok=True)
+    make_folder(output_dir / TMP_DIR)
     tmp = _temporary(output_dir, final)
     try:
         with _writing(tmp):
@@ -81,18 +86,91 @@ def write_manifest(output_dir: str | Path, manifest: dict) -> None:
         tmp.unlink(missing_ok=True)  # only still there if the write or the rename failed
 
 
-def counts_on_disk(output_dir: str | Path, unit_ids: list[str]) -> dict[str, dict[str, int]]:
-    """Rows and errors of every complete unit, read from the part files' footers."""
+def _unit_totals(metadata: pq.FileMetaData) -> dict | None:
+    """The unit's own totals from its part file's footer (see writer.UNIT_TOTALS_KEY); None if
+    the file has none (an earlier version wrote it) or they do not parse."""
+    raw = (metadata.metadata or {}).get(UNIT_TOTALS_KEY)
+    try:
+        totals = json.loads(raw) if raw is not None else None
+    except ValueError:
+        return None
+    return totals if isinstance(totals, dict) else None
+
+
+def counts_on_disk(output_dir: str | Path, unit_ids: list[str]) -> dict[str, dict]:
+    """Rows, errors and the unit's own totals (pointing sums, zero maps) of every complete
+    unit, read from the part files' footers."""
     output_dir = Path(output_dir)
     counts = {}
     for unit_id in unit_ids:
         part = output_dir / "cams" / part_name(unit_id)
-        if not part.is_file():
+        if not is_regular(part):
             continue
         errors = output_dir / "errors" / part_name(unit_id)
-        counts[unit_id] = {"rows": pq.read_metadata(part).num_rows,
-                            "errors": pq.read_metadata(errors).num_rows if errors.is_file() else 0}
+        metadata = pq.read_metadata(part)
+        counts[unit_id] = {"rows": metadata.num_rows,
+                           "errors": pq.read_metadata(errors).num_rows if is_regular(errors) else 0,
+                           **(_unit_totals(metadata) or {})}
     return counts
+
+
+# --- the folder's own entries: never links ------------------------------------------------------
+# A link among them would carry a create, a truncate, a listing or a delete to wherever it points
+# (`.tmp -> ~/docs` and an overwrite would empty ~/docs), so each must be what this tool makes
+# there. output.dir itself may be a link: the pipeline resolves it once, at the start.
+FOLDER_ENTRIES = ("cams", "errors", TMP_DIR, "demo-data")
+FILE_ENTRIES = (LOCK_NAME, MANIFEST_NAME, f".{MANIFEST_NAME}.tmp")  # the last: where earlier versions wrote
+
+
+def _kind(status: os.stat_result) -> str:
+    for test, name in ((stat.S_ISLNK, "link"), (stat.S_ISDIR, "folder"), (stat.S_ISREG, "file"),
+                       (stat.S_ISFIFO, "FIFO"), (stat.S_ISSOCK, "socket")):
+        if test(status.st_mode):
+            return name
+    return "device"
+
+
+def entry_refusal(output_dir: Path, name: str, status: os.stat_result) -> str | None:
+    """Why the entry `name` of output_dir, as os.lstat (or os.fstat of what was opened) sees it,
+    is not one this tool may use; None if it may."""
+    where = f"output.dir={str(output_dir)!r} holds {name}"
+    if stat.S_ISLNK(status.st_mode):
+        try:
+            target = os.readlink(output_dir / name)
+        except OSError:
+            target = "elsewhere"
+        return (f"{where} as a link to {target!r}; gradcam-batch never follows a link inside its output folder "
+                "(it would create or delete files where the link leads): remove the link, or use another output.dir")
+    expected = "folder" if name in FOLDER_ENTRIES else "file"
+    if _kind(status) != expected:
+        return (f"{where} as a {_kind(status)} where gradcam-batch keeps a {expected}; move it away, "
+                "or use another output.dir")
+    if name == LOCK_NAME and status.st_nlink > 1:
+        # the one file this tool writes in place (it notes the run holding it): through a hard
+        # link that note would overwrite the other name's contents
+        return (f"{where} with {status.st_nlink} names (hard-linked to another file, which taking the lock "
+                "would overwrite); remove it, or use another output.dir")
+    return None
+
+
+def check_entry(output_dir: Path, name: str) -> None:
+    """Refuse in one line an entry that is a link or of the wrong kind; an absent one is fine."""
+    try:
+        status = os.lstat(output_dir / name)
+    except (FileNotFoundError, NotADirectoryError):
+        return
+    problem = entry_refusal(output_dir, name, status)
+    if problem:
+        raise UserError(problem)
+
+
+def check_entries(output_dir: str | Path) -> None:
+    """Refuse in one line an output folder whose own entries (cams, errors, .tmp, demo-data, the
+    lock file, the manifest) are links or not of their kind (a file where a folder belongs):
+    before anything is written or deleted, so what a planted link leads to is never touched."""
+    output_dir = Path(output_dir)
+    for name in (*FOLDER_ENTRIES, *FILE_ENTRIES):
+        check_entry(output_dir, name)
 
 
 # --- what in an output folder is ours ------------------------------------------------------------
@@ -100,14 +178,18 @@ def counts_on_disk(output_dir: str | Path, unit_ids: list[str]) -> dict[str, dic
 def _ours(output_dir: Path) -> list[Path]:
     """Every file this tool writes in an output folder, and nothing else: part files, the
     temporaries (under .tmp/, and where earlier versions kept them), the manifest and the report
-    of the folder (gradcam-batch-report's default file, stale once the rows change). Not the
+    of the folder (gradcam-batch-report's default file and its strategies files, stale once the rows
+    change). Not the
     lock file, which stays for the next run to lock (deleting a lock file lets two runs hold
-    two different files of one name)."""
-    files = [*(output_dir / TMP_DIR).glob("*"), output_dir / f".{MANIFEST_NAME}.tmp", output_dir / MANIFEST_NAME,
-             output_dir / REPORT_NAME]
+    two different files of one name). Listed without following a link: a linked folder lists
+    nothing and a linked file is not ours."""
+    files = [*regular_files(output_dir / TMP_DIR),
+             *(output_dir / name for name in (f".{MANIFEST_NAME}.tmp", MANIFEST_NAME, REPORT_NAME, *STRATEGIES_NAMES))]
     for folder in ("cams", "errors"):
-        files += [*(output_dir / folder).glob("part-*.parquet"), *(output_dir / folder).glob(".part-*.parquet.tmp")]
-    return [path for path in files if path.is_file() and not path.is_symlink()]
+        files += [path for path in regular_files(output_dir / folder)
+                  if fnmatch.fnmatchcase(path.name, "part-*.parquet")
+                  or fnmatch.fnmatchcase(path.name, ".part-*.parquet.tmp")]
+    return [path for path in files if is_regular(path)]
 
 
 def _delete(paths: list[Path]) -> None:
@@ -136,22 +218,31 @@ def foreign_entry(output_dir: str | Path) -> str | None:
     if not output_dir.is_dir():
         return None
     # demo-data/ is where the bare demo generates its shards when data.root is unset
-    known = {"cams", "errors", TMP_DIR, LOCK_NAME, MANIFEST_NAME, f".{MANIFEST_NAME}.tmp", "demo-data", REPORT_NAME}
+    known = {"cams", "errors", TMP_DIR, LOCK_NAME, MANIFEST_NAME, f".{MANIFEST_NAME}.tmp", "demo-data", REPORT_NAME,
+             *STRATEGIES_NAMES}
     ours = set(_ours(output_dir))
-    for entry in sorted(output_dir.iterdir()):
-        if entry.name not in known or (entry.name in ("cams", "errors") and not entry.is_dir()):
+    with os.scandir(output_dir) as listing:
+        entries = sorted(listing, key=lambda entry: entry.name)
+    for entry in entries:
+        if (entry.name not in known or entry.is_symlink()
+                or (entry.name in ("cams", "errors") and not entry.is_dir(follow_symlinks=False))):
             return entry.name
         if entry.name in ("cams", "errors"):
-            for inner in sorted(entry.iterdir()):
-                if inner not in ours:
-                    return f"{entry.name}/{inner.name}"
+            with os.scandir(entry.path) as listing:
+                inner = sorted(listing, key=lambda item: item.name)
+            for item in inner:
+                if Path(item.path) not in ours:
+                    return f"{entry.name}/{item.name}"
     return None
 
 
-def _part_counts(part: Path, errors: Path, recorded: dict | None) -> tuple[dict[str, int] | None, str]:
-    """A complete unit's rows and errors if its files hold up, else None and why (naming the file)."""
-    def footer(path: Path, schema: pa.Schema) -> tuple[int | None, str]:
+def _part_counts(part: Path, errors: Path, recorded: dict | None) -> tuple[dict | None, str]:
+    """A complete unit's rows, errors and own totals if its files hold up, else None and why
+    (naming the file)."""
+    def footer(path: Path, schema: pa.Schema) -> tuple[pq.FileMetaData | None, str]:
         where = f"{path.parent.name}/{path.name}"
+        if path.is_symlink():  # what it leads to is no file this tool wrote
+            return None, f"{where} is a link, not a part file"
         try:
             metadata = pq.read_metadata(path)
         except (OSError, ValueError, pa.ArrowException) as error:
@@ -161,35 +252,43 @@ def _part_counts(part: Path, errors: Path, recorded: dict | None) -> tuple[dict[
             return None, f"{where} does not have the columns this version writes"
         if sum(metadata.row_group(i).num_rows for i in range(metadata.num_row_groups)) != metadata.num_rows:
             return None, f"{where} has a footer whose row groups do not add up"
-        return metadata.num_rows, ""
+        return metadata, ""
 
     recorded = recorded or {}
-    rows, problem = footer(part, CAM_SCHEMA)
-    if rows is None:
+    metadata, problem = footer(part, CAM_SCHEMA)
+    if metadata is None:
         return None, problem
+    rows = metadata.num_rows
     if recorded.get("rows") is not None and rows != recorded["rows"]:
         return None, f"cams/{part.name} holds {rows} rows where the manifest recorded {recorded['rows']}"
+    totals = _unit_totals(metadata)
+    if totals is None:
+        # the run's pointing and zero-map totals add up the units' own: without them the unit
+        # would count as nothing
+        return None, f"cams/{part.name} carries no totals of its unit (an earlier version wrote it)"
     error_rows = 0
-    if errors.is_file():
-        error_rows, problem = footer(errors, ERROR_SCHEMA)
-        if error_rows is None:
+    if os.path.lexists(errors):
+        error_metadata, problem = footer(errors, ERROR_SCHEMA)
+        if error_metadata is None:
             return None, problem
+        error_rows = error_metadata.num_rows
     if recorded.get("errors") is not None and error_rows != recorded["errors"]:
         return None, (f"errors/{errors.name} holds {error_rows} error rows where the manifest recorded "
                       f"{recorded['errors']}")
-    return {"rows": rows, "errors": error_rows}, ""
+    return {"rows": rows, "errors": error_rows, **totals}, ""
 
 
-def check_parts(output_dir: str | Path, unit_ids: list[str], recorded: dict[str, dict]) -> dict[str, dict[str, int]]:
-    """Rows and errors of every complete unit whose files hold up: the footer parses, the
-    columns are ours, and the counts match what the manifest recorded (where it did). A unit
-    that fails is deleted, with one line saying why, and so redone; a damaged file never
-    crashes a resume. Rank 0 only, under the lock, before any rank writes."""
+def check_parts(output_dir: str | Path, unit_ids: list[str], recorded: dict[str, dict]) -> dict[str, dict]:
+    """Rows, errors and own totals of every complete unit whose files hold up: no link, the
+    footer parses, the columns are ours, it carries its unit's totals, and the counts match what
+    the manifest recorded (where it did). A unit that fails is deleted (a link, not what it leads
+    to), with one line saying why, and so redone; a damaged file never crashes a resume. Rank 0
+    only, under the lock, before any rank writes."""
     output_dir = Path(output_dir)
     counts = {}
     for unit_id in unit_ids:
         part, errors = output_dir / "cams" / part_name(unit_id), output_dir / "errors" / part_name(unit_id)
-        if not part.is_file():
+        if not (is_regular(part) or part.is_symlink()):
             continue
         unit_counts, problem = _part_counts(part, errors, recorded.get(unit_id))
         if unit_counts is not None:
@@ -225,10 +324,21 @@ class OutputLock:
     def __init__(self, output_dir: str | Path, join: bool = False):
         output_dir = Path(output_dir)
         self.path = output_dir / LOCK_NAME
+        self._fd: int | None = None
         with _writing(self.path, "create"):
             output_dir.mkdir(parents=True, exist_ok=True)
-            self._fd: int | None = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            try:
+                # never through a link (its target would be truncated); O_NONBLOCK: a FIFO planted
+                # there is refused below rather than waited on
+                self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK,
+                                   0o644)
+            except OSError:
+                check_entry(output_dir, LOCK_NAME)  # a link or a folder there: one line naming it
+                raise
         try:
+            problem = entry_refusal(output_dir, LOCK_NAME, os.fstat(self._fd))  # what was opened, not the name
+            if problem:
+                raise UserError(problem)
             if join:
                 if not self._lock(fcntl.LOCK_SH, self._RANKS):
                     raise UserError(f"output.dir={str(output_dir)!r} was taken by another run as this one started")

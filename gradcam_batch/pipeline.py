@@ -31,8 +31,8 @@ from gradcam_batch.engine import CamEngine
 from gradcam_batch.models import load_model, resolve_target_layers
 from gradcam_batch.summary import Summary, combined_clocks
 from gradcam_batch.timing import RunClock
-from gradcam_batch.output_folder import (OutputLock, check_parts, clean_temporaries, clear_output, config_hash,
-                                         config_identity, counts_on_disk, foreign_entry, read_manifest,
+from gradcam_batch.output_folder import (OutputLock, check_entries, check_parts, clean_temporaries, clear_output,
+                                         config_hash, config_identity, counts_on_disk, foreign_entry, read_manifest,
                                          write_manifest)
 from gradcam_batch.writer import MANIFEST_NAME, OutputWriteError, ParquetShardWriter, ShardOutput, completed_units
 
@@ -79,6 +79,7 @@ def hold_output(output_dir: Path, overwrite: bool) -> OutputLock:
     lock, failure = None, None
     if dist.is_main():
         try:
+            check_entries(output_dir)  # again: a link planted while the model loaded is refused too
             if overwrite:
                 refuse_foreign_folder(output_dir)  # before the lock file, which would be one more file there
             lock = OutputLock(output_dir)
@@ -128,6 +129,8 @@ def check_output_dir(output_dir: Path) -> None:
     if not existing.exists() or not os.access(existing, os.W_OK | os.X_OK):
         raise UserError(f"output.dir={str(output_dir)!r}: {what} cannot be written by this user; "
                         "pass a folder you can write to")
+    if existing == output_dir:
+        check_entries(output_dir)  # no link among its own entries: before the demo's data or the lock is written
 
 
 def check_resume(output_dir: Path, resolved: dict, overwrite: bool) -> dict | None:
@@ -202,6 +205,12 @@ def _kept_run(manifest: dict | None, units_written: int) -> dict:
     if earlier.get("images") or earlier.get("errors"):
         return {"last_run": earlier}
     return {"last_run": manifest["last_run"]} if manifest.get("last_run") else {}
+
+
+def _unit_counts(counts: dict[str, dict]) -> dict[str, dict[str, int]]:
+    """What the manifest records per unit: its rows and errors. The unit's own totals (pointing
+    sums, zero maps) stay in its part file's footer, which the run's totals are summed from."""
+    return {unit_id: {"rows": unit["rows"], "errors": unit["errors"]} for unit_id, unit in counts.items()}
 
 
 def _shard_counts(units: list[Unit], counts: dict[str, dict[str, int]]) -> dict[str, dict[str, int]]:
@@ -288,7 +297,10 @@ def run(cfg: Config, resolved: dict | None = None) -> Summary:
     clock = RunClock()
     start = clock.started
     resolved = resolved or {}
-    output_dir = Path(cfg.output.dir)
+    # output.dir may be a link (the user's choice): followed once, here, so every later step works
+    # in one real folder; links inside it are refused (check_entries), never followed
+    output_dir = Path(os.path.realpath(cfg.output.dir))
+    cfg.output.dir = str(output_dir)
     device = resolve_device(cfg.runtime.device)
     dist.init(device, cfg.runtime.dist_timeout_minutes)
     lock = None
@@ -307,7 +319,7 @@ def run(cfg: Config, resolved: dict | None = None) -> Summary:
         if dist.is_main():
             verified = prepare_output(output_dir, cfg.output.overwrite, manifest, all_ids)
             write_manifest(output_dir, _manifest(cfg, resolved, layer_name, unit_size, listing, "running",
-                                                 units=verified))
+                                                 units=_unit_counts(verified)))
         dist.barrier("the start (the output folder prepared)")
         mine = dist.assign(units, dist.rank(), dist.world_size())
         done = completed_units(output_dir)
@@ -327,39 +339,27 @@ def run(cfg: Config, resolved: dict | None = None) -> Summary:
             errors=sum(r["errors"] for r in ranks), shards_written=sum(r["shards_written"] for r in ranks),
             shards_skipped=sum(r["shards_skipped"] for r in ranks), seconds=max(r["seconds"] for r in ranks),
             images_per_second=0.0, output_dir=str(output_dir), target_layer=layer_name,
-            pointing_hits=sum(r["pointing_hits"] for r in ranks),
-            pointing_total=sum(r["pointing_total"] for r in ranks),
-            box_energy_sum=sum(r["box_energy_sum"] for r in ranks), box_iou_sum=sum(r["box_iou_sum"] for r in ranks),
-            pointing_empty=sum(r["pointing_empty"] for r in ranks),
-            boxes_outside_crop=sum(r["boxes_outside_crop"] for r in ranks),
-            zero_maps=sum(r["zero_maps"] for r in ranks), maps_checked=sum(r["rows"] for r in ranks),
+            pointing_hits=0, pointing_total=0,  # the folder's totals, filled in on rank 0 below
             fuse=cfg.cam.fuse, **combined_clocks(ranks))
         summary.images_per_second = summary.images / summary.seconds if summary.seconds else 0.0
         if dist.is_main():
             counts = counts_on_disk(output_dir, all_ids)
             missing = [unit_id for unit_id in all_ids if unit_id not in counts]
-            # the pointing game over every unit of the folder: earlier runs' maps plus this run's
-            stored_pointing = (manifest or {}).get("pointing") or {}
-            pointing = {"hits": stored_pointing.get("hits", 0) + summary.pointing_hits,
-                        "total": stored_pointing.get("total", 0) + summary.pointing_total,
-                        "energy_sum": stored_pointing.get("energy_sum", 0.0) + summary.box_energy_sum,
-                        "iou_sum": stored_pointing.get("iou_sum", 0.0) + summary.box_iou_sum,
-                        "empty": stored_pointing.get("empty", 0) + summary.pointing_empty,
-                        "outside_crop": stored_pointing.get("outside_crop", 0) + summary.boxes_outside_crop}
-            stored_zero = (manifest or {}).get("zero_maps") or {}
-            zero_maps = {"zero": stored_zero.get("zero", 0) + summary.zero_maps,
-                         "maps": stored_zero.get("maps", 0) + summary.maps_checked}
+            # The pointing game and the zero maps over exactly the units in cams/, each unit's own
+            # totals read from its part file: a unit finished by a killed run counts, a redone one
+            # counts once, whichever run wrote it.
+            present = [counts[unit_id] for unit_id in all_ids if unit_id in counts]
+            without = sum(1 for unit in present if "pointing" not in unit)
+            if without:
+                log.warning("%d units carry no totals of their own (written by an earlier version): the pointing and "
+                            "zero-map totals leave them out; output.overwrite=true redoes them", without)
+            pointing, zero_maps = summary.use_folder_totals(present)
             summary.stored_rows = sum(c["rows"] for c in counts.values())
             summary.stored_errors = sum(c["errors"] for c in counts.values())
             summary.stored_units = len(counts)
-            if summary.shards_written == 0:
-                summary.pointing_hits, summary.pointing_total = pointing["hits"], pointing["total"]
-                summary.box_energy_sum, summary.box_iou_sum = pointing["energy_sum"], pointing["iou_sum"]
-                summary.pointing_empty, summary.boxes_outside_crop = pointing["empty"], pointing["outside_crop"]
-                summary.zero_maps, summary.maps_checked = zero_maps["zero"], zero_maps["maps"]
             write_manifest(output_dir, _manifest(
                 cfg, resolved, layer_name, unit_size, listing, "complete" if not missing else "incomplete",
-                shards=_shard_counts(units, counts), units=counts, rows=summary.stored_rows,
+                shards=_shard_counts(units, counts), units=_unit_counts(counts), rows=summary.stored_rows,
                 **_kept_run(manifest, summary.shards_written),
                 errors=summary.stored_errors, pointing=pointing, zero_maps=zero_maps,
                 this_run={"images": summary.images, "rows": summary.rows, "errors": summary.errors,
@@ -417,8 +417,7 @@ def _process(cfg: Config, resolved: dict, device, channels_last, engine: CamEngi
     balance = DecodeBalance(share=cfg.data.device_share) if mode == "mixed" else None
     loader = build_loader(todo, cfg.data, pin_memory=device.type == "cuda", device_decode=decoder is not None,
                           balance=balance)
-    images = rows = errors = zero_maps = 0
-    localization = localization_sums(RowExtras())  # every count at zero
+    images = rows = errors = 0
     unit_counts: dict[str, list] = {}  # unit id -> [images, errors, first error] while it is read
     # The prefetcher comes last, so it is the first to stop when the loop ends or fails.
     with ParquetShardWriter(cfg.output.dir, _metadata(cfg, resolved, layer_name),
@@ -435,10 +434,11 @@ def _process(cfg: Config, resolved: dict, device, channels_last, engine: CamEngi
                 extras = [extra.to_host() for extra in row_extras(cfg, result, ready.images, batch.boxes, engine,
                                                                    preprocess)]
                 result = result.to_host()  # one synchronisation for the maps and their extras
-                # the fused maps where there are, else the last layer's (summary.default_layer)
-                for key, value in localization_sums(extras[-1]).items():
-                    localization[key] += value
-                zero_maps += sum(int(extra.map_empty.sum()) for extra in extras)  # every layer's maps
+                # what the batch adds to its unit's totals, kept in the unit's part file: the
+                # pointing game over the fused maps where there are, else the last layer's
+                # (summary.default_layer); the zero maps of every layer
+                totals = {"pointing": localization_sums(extras[-1]),
+                          "zero_maps": sum(int(extra.map_empty.sum()) for extra in extras)}
                 rows += result.target_classes.numel() * len(result.layers)
                 images += count
                 out = ShardOutput(batch.shard_id, batch.sample_ids, batch.labels.numpy(),
@@ -452,12 +452,14 @@ def _process(cfg: Config, resolved: dict, device, channels_last, engine: CamEngi
                                   layer_columns=[{"cam_max_raw": maps.raw_max.numpy(),
                                                   **{key: value.numpy() for key, value in maps.statistics.items()},
                                                   **extra.numpy()}
-                                                 for maps, extra in zip(result.layers, extras)])
+                                                 for maps, extra in zip(result.layers, extras)],
+                                  totals=totals)
             else:
                 empty = np.empty((0, 1))
                 out = ShardOutput(batch.shard_id, [], np.empty(0, np.int64), empty, empty, empty,
                                   np.empty((0, 1, 1, 1), np.float32), empty, empty, batch.errors, batch.last,
-                                  unit_id=batch.unit_id)
+                                  unit_id=batch.unit_id,
+                                  totals={"pointing": localization_sums(RowExtras()), "zero_maps": 0})
             writer.submit(out)
             _note_unreadable_unit(unit_counts, batch, count)
             clock.batch_done(count)
@@ -466,9 +468,4 @@ def _process(cfg: Config, resolved: dict, device, channels_last, engine: CamEngi
     input_side["decode"] = mode
     if balance is not None:
         input_side["balance"] = balance.summary()
-    return {"images": images, "rows": rows, "errors": errors, "shards_written": len(todo),
-            "pointing_hits": localization["hits"], "pointing_total": localization["total"],
-            "box_energy_sum": localization["energy_sum"], "box_iou_sum": localization["iou_sum"],
-            "pointing_empty": localization["empty"], "boxes_outside_crop": localization["outside_crop"],
-            "zero_maps": zero_maps,
-            "input": input_side}
+    return {"images": images, "rows": rows, "errors": errors, "shards_written": len(todo), "input": input_side}

@@ -28,6 +28,8 @@ class Summary:
     images_per_second: float
     output_dir: str
     target_layer: str
+    # The pointing game and the zero maps speak for the whole output folder (every complete unit,
+    # whichever run wrote it; use_folder_totals), the lines above them for this run.
     pointing_hits: int
     pointing_total: int
     box_energy_sum: float = 0.0  # over the pointing game's maps
@@ -43,6 +45,26 @@ class Summary:
     stored_rows: int | None = None  # rows and errors in the whole output folder, earlier runs included
     stored_errors: int | None = None
     stored_units: int | None = None
+
+    def use_folder_totals(self, units: list[dict]) -> tuple[dict, dict]:
+        """Take the pointing game's sums and the zero-map count over the output folder's complete
+        units (their manifest entries, `rows` and the unit's own `pointing` and `zero_maps` as its
+        part file's footer holds them, in a fixed order so the float sums come out the same
+        however the units were written); returns them as the manifest records them."""
+        pointing = {"hits": 0, "total": 0, "energy_sum": 0.0, "iou_sum": 0.0, "empty": 0, "outside_crop": 0}
+        zero_maps = {"zero": 0, "maps": 0}
+        for unit in units:
+            if "pointing" not in unit:  # written by an earlier version: its own totals are unknown
+                continue
+            for key in pointing:
+                pointing[key] += unit["pointing"].get(key, 0)
+            zero_maps["zero"] += unit.get("zero_maps", 0)
+            zero_maps["maps"] += unit["rows"]
+        self.pointing_hits, self.pointing_total = pointing["hits"], pointing["total"]
+        self.box_energy_sum, self.box_iou_sum = pointing["energy_sum"], pointing["iou_sum"]
+        self.pointing_empty, self.boxes_outside_crop = pointing["empty"], pointing["outside_crop"]
+        self.zero_maps, self.maps_checked = zero_maps["zero"], zero_maps["maps"]
+        return pointing, zero_maps
 
     @property
     def samples_seen(self) -> int:

@@ -26,6 +26,7 @@ import json
 import logging
 import os
 import queue
+import stat
 import threading
 import uuid
 from dataclasses import dataclass, field
@@ -35,6 +36,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from gradcam_batch import UserError
 from gradcam_batch.config import _parquet_codec
 
 log = logging.getLogger("gradcam_batch")
@@ -72,8 +74,48 @@ def _writing(path: Path, doing: str = "write"):
 def _temporary(output_dir: Path, final: Path) -> Path:
     """Where `final` is written before its rename: under .tmp/, named for the folder and file it
     becomes, and unique, so that two writers of one unit (a straggling rank of a dead job and
-    its rerun) never write into the same file."""
-    return output_dir / TMP_DIR / f"{final.parent.name}.{final.name}.{uuid.uuid4().hex[:12]}.tmp"
+    its rerun) never write into the same file. Created here, empty, as a new file: never an
+    existing one, never through a link."""
+    path = output_dir / TMP_DIR / f"{final.parent.name}.{final.name}.{uuid.uuid4().hex[:12]}.tmp"
+    with _writing(path, "create"):
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644))
+    return path
+
+
+def make_folder(folder: Path) -> Path:
+    """`folder` created if missing. One that exists must be a folder of its own: a link there,
+    even to a folder, would carry every write to where it leads (output_folder.check_entries
+    refuses it up front, naming it; this is the last guard)."""
+    with _writing(folder, "create"):
+        try:
+            folder.mkdir(parents=True)
+        except FileExistsError:
+            pass
+        if not stat.S_ISDIR(os.lstat(folder).st_mode):
+            raise UserError(f"{folder} is a link or not a folder; gradcam-batch never writes through a link in its "
+                            "output folder: remove it, or use another output.dir")
+    return folder
+
+
+def is_regular(path: Path) -> bool:
+    """A regular file, not a link to one."""
+    try:
+        return stat.S_ISREG(os.lstat(path).st_mode)
+    except (FileNotFoundError, NotADirectoryError):
+        return False
+
+
+def regular_files(folder: Path) -> list[Path]:
+    """The regular files directly in `folder`, listed without following a link: none when the
+    folder is itself a link, and no linked file among them."""
+    try:
+        if not stat.S_ISDIR(os.lstat(folder).st_mode):
+            return []
+        with os.scandir(folder) as entries:
+            return [Path(entry.path) for entry in entries if entry.is_file(follow_symlinks=False)]
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+
 
 CAM_SCHEMA = pa.schema([
     ("sample_id", pa.string()),
@@ -124,6 +166,10 @@ ERROR_SCHEMA = pa.schema([
 ])
 
 METADATA_KEY = b"gradcam_batch"
+# A part file's footer also holds its unit's own totals (the pointing game's sums and the count
+# of all-zero maps, as the pipeline hands them over per batch): the run's totals are the sums
+# over the part files in cams/, so a unit finished by a killed run counts, and a redone one once.
+UNIT_TOTALS_KEY = b"gradcam_batch.unit_totals"
 
 
 def part_name(unit_id: str) -> str:
@@ -131,11 +177,10 @@ def part_name(unit_id: str) -> str:
 
 
 def completed_units(output_dir: str | Path) -> set[str]:
-    """Unit ids whose part file exists (complete by construction)."""
-    cams = Path(output_dir) / "cams"
-    if not cams.is_dir():
-        return set()
-    return {p.name[len("part-"):-len(".parquet")] for p in cams.glob("part-*.parquet")}
+    """Unit ids whose part file exists (complete by construction): regular files only, never
+    a link named like a part file."""
+    return {p.name[len("part-"):-len(".parquet")] for p in regular_files(Path(output_dir) / "cams")
+            if p.name.startswith("part-") and p.name.endswith(".parquet")}
 
 
 @dataclass
@@ -159,6 +204,9 @@ class ShardOutput:
     # per layer: column name -> array, (N, K) for statistics, box metrics and map_empty (box_known (N,)),
     # cam_resized (N, K, h, w) float16, heatmaps (N, K, S, S, 3) uint8, insertion/deletion (N, K, F)
     layer_columns: list[dict] = field(default_factory=list)
+    # what the batch adds to its unit's totals: {name: number, or a dict of them}, summed per unit
+    # into the part file's footer (UNIT_TOTALS_KEY)
+    totals: dict = field(default_factory=dict)
 
     @property
     def unit(self) -> str:
@@ -301,6 +349,14 @@ def _write_table(table: pa.Table, final: Path, output_dir: Path, compression: st
         tmp.unlink(missing_ok=True)  # only still there if the write or the rename failed
 
 
+def _add_totals(into: dict, more: dict) -> None:
+    for key, value in more.items():
+        if isinstance(value, dict):
+            _add_totals(into.setdefault(key, {}), value)
+        else:
+            into[key] = into.get(key, 0) + value
+
+
 class _OpenUnit:
     def __init__(self, output_dir: Path, directory: Path, unit_id: str, schema: pa.Schema, compression: str):
         self.final = directory / part_name(unit_id)
@@ -313,6 +369,7 @@ class _OpenUnit:
                 raise
         self.errors: list[tuple[str, str, str, str]] = []
         self.rows = 0
+        self.totals: dict = {}
 
     def discard(self) -> None:
         """Drop an unfinished unit: no file stays behind, not even under .tmp/."""
@@ -336,8 +393,7 @@ class ParquetShardWriter:
         self.cam_dir = self.output_dir / "cams"
         self.error_dir = self.output_dir / "errors"
         for folder in (self.cam_dir, self.error_dir, self.output_dir / TMP_DIR):
-            with _writing(folder, "create"):
-                folder.mkdir(parents=True, exist_ok=True)
+            make_folder(folder)
         encoded = {METADATA_KEY: json.dumps(metadata, default=str).encode()}
         self.cam_schema = CAM_SCHEMA.with_metadata(encoded)
         self.error_schema = ERROR_SCHEMA.with_metadata(encoded)
@@ -373,8 +429,10 @@ class ParquetShardWriter:
                 unit.writer.write_table(table)
             unit.rows += table.num_rows
         unit.errors.extend(out.errors)
+        _add_totals(unit.totals, out.totals)
         if out.last:
             with _writing(unit.tmp):
+                unit.writer.add_key_value_metadata({UNIT_TOTALS_KEY: json.dumps(unit.totals)})
                 unit.writer.close()
             # errors first: the cams part file is the unit's completion marker
             error_final = self.error_dir / part_name(out.unit)
