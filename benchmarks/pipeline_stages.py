@@ -168,7 +168,7 @@ def loader_inputs(cfg) -> tuple[list, int, str]:
     except ImportError:  # a loader that takes whole shards
         return shards, len(shards), "whole shards"
     unit_size = getattr(cfg, "unit_size", None)
-    units = list_units(shards, unit_size)
+    units = list_units(shards, unit_size, id_column=getattr(cfg, "id_column", None))
     return units, len(shards), f"{len(units)} unit(s), data.unit_size={unit_size}"
 
 

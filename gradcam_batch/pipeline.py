@@ -175,7 +175,7 @@ def work_units(cfg: Config, output_dir: Path, shards: list[Shard],
                         "(output.overwrite=true starts over with the new one)", unit_size, output_dir,
                         f"data.unit_size={recorded}" if recorded else "every shard as one unit")
         unit_size = recorded
-    units = list_units(shards, unit_size)
+    units = list_units(shards, unit_size, id_column=cfg.data.id_column)
     listing = listing_record(units)
     if manifest is not None:
         if "listing" in manifest:

@@ -12,17 +12,23 @@ data.follow_links=true. The tar reader lives in `webdataset`."""
 
 from __future__ import annotations
 
+import itertools
+import logging
 import os
 import stat
 from typing import Iterator, Optional
 
 from gradcam_batch.config import DataConfig
 from gradcam_batch.data.shards import Shard, _inside
+from gradcam_batch.data.parquet_plan import PARQUET_BUFFER, READ_BUDGET, plan_row_group, row_group_batches
 from gradcam_batch.data.units import Unit, as_unit
-from gradcam_batch.data.records import (LABEL_RULE, LinkOutsideRoot, NotRegularFile, PathOutsideRoot, RawSample,
-                                        TooLarge, _describe_parquet_error, _file_system_words, _label_from_number,
-                                        _label_from_string, printable)
+from gradcam_batch.data.records import (BOXES_READ, LABEL_RULE, LinkOutsideRoot, NotRegularFile, PathOutsideRoot,
+                                        RawSample, TooLarge, _describe_parquet_error, _file_system_words,
+                                        _label_from_number, _label_from_string, id_digest, parquet_sample_id,
+                                        printable)
 from gradcam_batch.data.webdataset import _webdataset
+
+log = logging.getLogger("gradcam_batch")
 
 
 # --- ImageFolder ------------------------------------------------------------------------------------
@@ -225,21 +231,65 @@ def _parquet_labels(column) -> list[tuple[int, Optional[str]]]:
     return [(-1, None) if value is None else convert(value) for value in column.to_pylist()]
 
 
-def _parquet_id(value) -> str:
-    if isinstance(value, bytes):
-        return printable(value.decode("utf-8", "surrogateescape"))
-    return printable(str(value))
+def _is_list(kind) -> bool:
+    import pyarrow as pa
+
+    return (pa.types.is_list(kind) or pa.types.is_large_list(kind) or pa.types.is_fixed_size_list(kind)
+            or pa.types.is_list_view(kind) or pa.types.is_large_list_view(kind))
+
+
+def _is_number(kind) -> bool:
+    import pyarrow as pa
+
+    return pa.types.is_integer(kind) or pa.types.is_floating(kind)
+
+
+def _holds_boxes(kind) -> bool:
+    """Whether a column of this type can hold boxes: one box as a list of numbers, or a list of
+    such lists. No value of another type is a box, so such a column is not read at all."""
+    return _is_list(kind) and (_is_number(kind.value_type) or (_is_list(kind.value_type)
+                                                               and _is_number(kind.value_type.value_type)))
+
+
+def _parquet_boxes(column) -> list[Optional[list]]:
+    """Each cell of a boxes column (of a type `_holds_boxes`) as Python lists, cut in Arrow to the
+    first BOXES_READ boxes of five numbers at most (a box of more than four numbers is no box,
+    cut or not), so that a cell of a million boxes never becomes a million Python lists."""
+    import pyarrow.compute as pc
+
+    kind = column.type
+    cut = pc.list_slice(column, 0, BOXES_READ, return_fixed_size_list=False)
+    if _is_number(kind.value_type):  # one box given as `boxes`: [x0, y0, x1, y1]
+        return cut.to_pylist()
+    lengths = pc.list_value_length(cut).to_pylist()  # null for a null cell
+    boxes = pc.list_slice(cut.flatten(), 0, 5, return_fixed_size_list=False).to_pylist()
+    cells, taken = [], 0
+    for length in lengths:
+        cells.append(None if length is None else boxes[taken:taken + length])
+        taken += length or 0
+    return cells
 
 
 def _single_column(schema, name: Optional[str]) -> Optional[str]:
     return name if name and len(schema.get_all_field_indices(name)) == 1 else None
 
 
+PAGE_SLACK = 1 << 16
+"""A page holding one image of data.max_bytes also holds the value's length and levels."""
+
+
 def _parquet(unit: Unit, cfg: DataConfig) -> Iterator[RawSample]:
     """One RawSample per row. A row whose label is no label, or whose image cell is empty or
     larger than data.max_bytes, or names an image file that is refused or cannot be read
-    (`_read_image_path`), is that row's error row; an image column of a type that holds no
-    images makes every row an error row; only damage to the file itself ends it."""
+    (`_read_image_path`), or whose id an earlier row of the shard has, is that row's error row;
+    an image column of a type that holds no images makes every row an error row; only damage to
+    the file itself ends it.
+
+    Each row group is read in batches that `plan_row_group` sizes from its metadata and page
+    headers so that the decoded columns stay under READ_BUDGET. Rows that cannot be read in
+    bounded memory, even one at a time (their image, label or id lies in a page over the limit
+    or in a column pyarrow would decode whole), are each their own TooLarge error row; boxes
+    that cannot be are left unread, with a warning."""
     import pyarrow as pa
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
@@ -249,56 +299,87 @@ def _parquet(unit: Unit, cfg: DataConfig) -> Iterator[RawSample]:
         # opened by its bytes: pyarrow encodes a str path as strict UTF-8, which fails for a file
         # name that is not UTF-8
         with pa.OSFile(os.fsencode(unit.shard.path)) as source_file:
-            file = pq.ParquetFile(source_file)
+            file = pq.ParquetFile(source_file, pre_buffer=False, buffer_size=PARQUET_BUFFER)
             schema = file.schema_arrow
             source, has_paths, image_problem = _image_source(schema, cfg.image_column)
             label_column = _single_column(schema, cfg.label_column)
             id_column = _single_column(schema, cfg.id_column)
             boxes_column = _single_column(schema, getattr(cfg, "boxes_column", None))
+            if boxes_column and not _holds_boxes(schema.field(boxes_column).type):
+                boxes_column = None
             image_column = cfg.image_column if source in ("binary", "struct") else None
             columns = [column for column in (image_column, label_column, id_column, boxes_column) if column]
+            page_limits = {image_column: max(READ_BUDGET, cfg.max_bytes + PAGE_SLACK)}
             # image paths are read from the folder the file was listed in, as data.root is
             folder = os.path.dirname(unit.shard.path) or os.curdir
             folder_real = os.path.realpath(folder)
+            # a repeated id is the later row's error row; the listing found those whose first
+            # occurrence lies in an earlier unit
+            seen_ids: set[bytes] = set()
+            duplicates = set(unit.duplicate_samples)
             row = unit.start  # default ids number rows from the file's start, whichever slice reads them
-            for batch in file.iter_batches(batch_size=256, columns=columns, row_groups=unit.row_groups):
-                count = batch.num_rows
-                cells = _image_cells(batch.column(image_column), source) if image_column else None
-                sizes = pc.binary_length(cells).to_pylist() if cells is not None else [None] * count
-                paths = _path_cells(batch.column(image_column)) if has_paths else None
-                path_sizes = pc.binary_length(paths).to_pylist() if paths is not None else [None] * count
-                labels = _parquet_labels(batch.column(label_column)) if label_column else [(-1, None)] * count
-                ids = batch.column(id_column).to_pylist() if id_column else [None] * count
-                boxes = batch.column(boxes_column).to_pylist() if boxes_column else [None] * count
-                for index in range(count):
-                    sample_id = _parquet_id(ids[index]) if ids[index] is not None else f"{stem}/{row}"
-                    row += 1
-                    label, label_problem = labels[index]
-                    size, path_size = sizes[index], path_sizes[index]
-                    payload = None
-                    if image_problem is not None:
-                        error = ("UnsupportedImageColumn", image_problem)
-                    elif label_problem is not None:
-                        error = ("ValueError", label_problem)
-                    elif size:  # a cell with both bytes and a path is read from its bytes
-                        if size > cfg.max_bytes:
-                            error = ("TooLarge", f"the image cell holds {size} bytes, more than "
-                                                 f"data.max_bytes={cfg.max_bytes}")
+            groups = unit.row_groups if unit.row_groups is not None else range(file.metadata.num_row_groups)
+            for group in groups:
+                plan = plan_row_group(file, source_file, group, columns, page_limits)
+                if boxes_column in plan.unread:
+                    log.warning("%s: %s; its rows are read without boxes", unit.unit_id, plan.unread[boxes_column][1])
+                unread = [problem for column, problem in plan.unread.items() if column != boxes_column]
+                read = [column for column in columns if column not in plan.unread]
+                batches = row_group_batches(file, group, read, plan.rows, plan.readable)
+                past = file.metadata.row_group(group).num_rows - plan.readable  # rows in or after a page too large
+                stopped = [(past, None, ("TooLarge", plan.stop_reason))] if past > 0 else []
+                for count, batch, refused in itertools.chain(((count, batch, None) for count, batch in batches),
+                                                             stopped):
+                    present = {name: batch.column(name) for name in read} if batch is not None else {}
+                    refused = unread[0] if unread else refused
+                    images = present.get(image_column)
+                    image_cells = _image_cells(images, source) if images is not None else None
+                    sizes = pc.binary_length(image_cells).to_pylist() if image_cells is not None else [None] * count
+                    paths = _path_cells(images) if has_paths and images is not None else None
+                    path_sizes = pc.binary_length(paths).to_pylist() if paths is not None else [None] * count
+                    labels = (_parquet_labels(present[label_column]) if label_column in present
+                              else [(-1, None)] * count)
+                    ids = present[id_column].to_pylist() if id_column in present else [None] * count
+                    boxes = _parquet_boxes(present[boxes_column]) if boxes_column in present else [None] * count
+                    for index in range(count):
+                        sample_id = parquet_sample_id(ids[index], stem, row)
+                        repeated = False
+                        if id_column:
+                            digest = id_digest(sample_id)
+                            repeated = digest in seen_ids or row in duplicates
+                            seen_ids.add(digest)
+                        row += 1
+                        label, label_problem = labels[index]
+                        size, path_size = sizes[index], path_sizes[index]
+                        payload = None
+                        if repeated:
+                            error = ("DuplicateKey", "an earlier row of this shard has the same id (data.id_column); "
+                                                     "only the first is read")
+                        elif image_problem is not None:
+                            error = ("UnsupportedImageColumn", image_problem)
+                        elif refused is not None:
+                            error = refused
+                        elif label_problem is not None:
+                            error = ("ValueError", label_problem)
+                        elif size:  # a cell with both bytes and a path is read from its bytes
+                            if size > cfg.max_bytes:
+                                error = ("TooLarge", f"the image cell holds {size} bytes, more than "
+                                                     f"data.max_bytes={cfg.max_bytes}")
+                            else:
+                                payload = image_cells[index].as_py()  # one cell at a time, not the batch
+                        elif path_size and path_size > MAX_PATH_BYTES:
+                            error = ("ValueError", f"the image path holds {path_size} bytes, more than a file path "
+                                                   f"can ({MAX_PATH_BYTES})")
+                        elif path_size:
+                            payload, error = _read_image_path(paths[index].as_py(), folder, folder_real, cfg)
                         else:
-                            payload = cells[index].as_py()  # one cell at a time, not the batch
-                    elif path_size and path_size > MAX_PATH_BYTES:
-                        error = ("ValueError", f"the image path holds {path_size} bytes, more than a file path "
-                                               f"can ({MAX_PATH_BYTES})")
-                    elif path_size:
-                        payload, error = _read_image_path(paths[index].as_py(), folder, folder_real, cfg)
-                    else:
-                        error = ("MissingImage", "empty image cell (no bytes and no path)" if has_paths
-                                 else "empty image cell")
-                    if payload is not None:
-                        meta = {"boxes": boxes[index]} if boxes[index] is not None else None
-                        yield RawSample(sample_id, label, payload, meta=meta)
-                    else:
-                        yield RawSample(sample_id, label, None, error=("read", *error))
+                            error = ("MissingImage", "empty image cell (no bytes and no path)" if has_paths
+                                     else "empty image cell")
+                        if payload is not None:
+                            meta = {"boxes": boxes[index]} if boxes[index] is not None else None
+                            yield RawSample(sample_id, label, payload, meta=meta)
+                        else:
+                            yield RawSample(sample_id, label, None, error=("read", *error))
     except (OSError, ValueError, pa.ArrowException) as error:  # pyarrow: ArrowInvalid is a ValueError
         yield RawSample(f"{unit.unit_id}/<parquet>", -1, None,
                         error=("read", type(error).__name__, _describe_parquet_error(error)))

@@ -4,6 +4,7 @@ non-negative integers or an error, and no error message quotes what a file holds
 
 from __future__ import annotations
 
+import hashlib
 import math
 import re
 import tarfile
@@ -18,6 +19,10 @@ LABEL_RULE = "labels are plain non-negative integers below 2**63"
 MAX_SIDECAR_BYTES = 1 << 20
 """Largest .cls or .json member read: a label or a few boxes take a few bytes, and a parsed JSON
 document can take tens of times its size in memory."""
+BOXES_READ = 64
+"""The most boxes of one record that a reader hands on (transforms.MAX_BOXES, which reads no
+more; a test holds the two equal): a Parquet cell's list is cut to these in Arrow, before
+anything becomes a Python object."""
 
 
 @dataclass
@@ -87,6 +92,24 @@ def _label_from_string(value: str) -> tuple[int, Optional[str]]:
         return label_from_text(value.encode("utf-8", "surrogateescape")), None
     except ValueError as error:
         return -1, str(error)
+
+
+# --- sample ids -----------------------------------------------------------------------------------
+
+
+def parquet_sample_id(value, stem: str, row: int) -> str:
+    """The sample id of a Parquet row: its id cell (data.id_column), or `<file stem>/<row>` where
+    there is none, counting rows from the file's start whichever unit reads them."""
+    if value is None:
+        return f"{stem}/{row}"
+    if isinstance(value, bytes):
+        return printable(value.decode("utf-8", "surrogateescape"))
+    return printable(str(value))
+
+
+def id_digest(sample_id: str) -> bytes:
+    """What a reader keeps of each id to find repeated ones: 16 bytes, however long the id."""
+    return hashlib.blake2b(sample_id.encode("utf-8"), digest_size=16).digest()
 
 
 def _file_system_words(error: OSError) -> str:

@@ -1,7 +1,8 @@
 """Work units: a shard, or a slice of one that a reader can enter in the middle (an uncompressed
 tar at a sample's first header, found by reading headers only; Parquet at a row group; an
 ImageFolder file range). Units are the unit of output, of resume and of sharing out the work;
-the listing record kept in the manifest lets a resume tell whether the data changed."""
+the listing record kept in the manifest lets a resume tell whether the data changed. How a
+reader sizes its batches within a Parquet row group: parquet_plan.py."""
 
 from __future__ import annotations
 
@@ -13,6 +14,8 @@ from dataclasses import dataclass
 from typing import Optional
 
 
+from gradcam_batch.data.parquet_plan import PARQUET_BUFFER, plan_row_group, row_group_batches
+from gradcam_batch.data.records import id_digest, parquet_sample_id, printable
 from gradcam_batch.data.shards import Shard
 
 # --- work units -----------------------------------------------------------------------------
@@ -37,9 +40,10 @@ class Unit:
     row_groups: Optional[list[int]] = None
     """parquet: the row groups that make up the slice; None reads them all."""
     duplicate_samples: tuple[int, ...] = ()
-    """webdataset: shard-order indices of the slice's samples whose key an earlier sample of the
-    shard already has. The reader makes each a duplicate-key error row, also when the earlier
-    sample lies in another unit, which that reader never sees."""
+    """Shard-order indices of the slice's samples whose key (webdataset) or id (parquet with
+    data.id_column) an earlier sample of the shard already has. The reader makes each a
+    duplicate-key error row, also when the earlier sample lies in another unit, which that
+    reader never sees."""
 
     @property
     def whole(self) -> bool:
@@ -236,9 +240,12 @@ def _webdataset_units(shard: Shard, unit_size: int | None) -> list[Unit]:
             for position, (start, end) in enumerate(zip(bounds, bounds[1:]))]
 
 
-def _parquet_units(shard: Shard, unit_size: int | None) -> list[Unit]:
+def _parquet_units(shard: Shard, unit_size: int | None, id_column: str | None = None) -> list[Unit]:
     """Row-group boundaries only: a row range inside a row group would make every unit that
-    shares it read and decompress the whole group."""
+    shares it read and decompress the whole group. With an id column, a shard cut into several
+    units has its ids read here once, so that a unit knows which of its rows repeat an id of an
+    earlier unit."""
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
     try:
@@ -251,10 +258,47 @@ def _parquet_units(shard: Shard, unit_size: int | None) -> list[Unit]:
     cuts = _even_cuts(total, unit_size, allowed=starts)
     if len(cuts) == 1:
         return [Unit(shard, samples=total)]
+    duplicates: list[int] = []
+    if id_column:
+        try:
+            duplicates = parquet_repeated_ids(shard.path, id_column)
+        except (OSError, ValueError, pa.ArrowException):
+            pass  # the reader meets the same damage and reports it as the unit's error row
     bounds = [*cuts, total]
     return [Unit(shard, start, end, samples=end - start,
-                 row_groups=[group for group, first in enumerate(starts) if start <= first < end])
+                 row_groups=[group for group, first in enumerate(starts) if start <= first < end],
+                 duplicate_samples=tuple(row for row in duplicates if start <= row < end))
             for start, end in zip(bounds, bounds[1:])]
+
+
+def parquet_repeated_ids(path: str, id_column: str) -> list[int]:
+    """Shard-order indices of the rows whose sample id (records.parquet_sample_id) an earlier row
+    of the file already has, reading only the id column, in bounded batches."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    stem = printable(os.path.splitext(os.path.basename(path))[0])
+    seen: set[bytes] = set()
+    repeated: list[int] = []
+    row = 0
+    with pa.OSFile(os.fsencode(path)) as source_file:
+        file = pq.ParquetFile(source_file, pre_buffer=False, buffer_size=PARQUET_BUFFER)
+        columns = [id_column] if len(file.schema_arrow.get_all_field_indices(id_column)) == 1 else []
+        for group in range(file.metadata.num_row_groups):
+            # the same plan as the reader's for this column: rows it cannot read get default ids
+            plan = plan_row_group(file, source_file, group, columns)
+            read = [name for name in columns if name not in plan.unread]
+            batches = row_group_batches(file, group, read, plan.rows, plan.readable)
+            unread_rows = file.metadata.row_group(group).num_rows - plan.readable
+            for count, batch in itertools.chain(batches, [(unread_rows, None)]):
+                values = batch.column(0).to_pylist() if batch is not None else [None] * count
+                for value in values:
+                    digest = id_digest(parquet_sample_id(value, stem, row))
+                    if digest in seen:
+                        repeated.append(row)
+                    seen.add(digest)
+                    row += 1
+    return repeated
 
 
 def _imagefolder_units(shard: Shard, unit_size: int | None) -> list[Unit]:
@@ -265,9 +309,11 @@ def _imagefolder_units(shard: Shard, unit_size: int | None) -> list[Unit]:
     return [Unit(shard, start, end, samples=end - start) for start, end in zip(bounds, bounds[1:])]
 
 
-def list_units(shards: list[Shard], unit_size: int | None) -> list[Unit]:
-    """Every shard's units in shard order; unit_size None keeps every shard whole."""
-    split = {"webdataset": _webdataset_units, "parquet": _parquet_units, "imagefolder": _imagefolder_units}
+def list_units(shards: list[Shard], unit_size: int | None, id_column: str | None = None) -> list[Unit]:
+    """Every shard's units in shard order; unit_size None keeps every shard whole. id_column
+    (data.id_column) lets a Parquet shard's units know the ids an earlier unit repeats."""
+    split = {"webdataset": _webdataset_units, "parquet": lambda shard, size: _parquet_units(shard, size, id_column),
+             "imagefolder": _imagefolder_units}
     return [unit for shard in shards for unit in split[shard.format](shard, unit_size)]
 
 

@@ -1,7 +1,8 @@
 """WebDataset tars: members `<key>.<ext>` grouped by key, read one work unit at a time.
 
 Members that are not regular files, larger than data.max_bytes or repeating an earlier key are
-their sample's error row; compressed streams are read through in bounded steps."""
+their sample's error row; of a sample's images only the one used is read; compressed streams are
+read through in bounded steps."""
 
 from __future__ import annotations
 
@@ -29,7 +30,11 @@ class _TarSample:
 
     def __init__(self, key: str):
         self.key = key
-        self.members: dict[str, bytes] = {}
+        self.members: dict[str, bytes] = {}  # .cls and .json
+        self.image: Optional[bytes] = None
+        self.image_rank: Optional[int] = None  # of the image kept, in WEBDATASET_IMAGE_EXTENSIONS' order
+        self.image_member: Optional[tarfile.TarInfo] = None  # the image to read once the sample is complete
+        self.extensions: set[str] = set()
         self.problem: Optional[tuple[str, str]] = None  # (error type, message)
 
     def refuse(self, error_type: str, message: str) -> None:
@@ -48,6 +53,14 @@ def _json_problem(error: Exception) -> str:
     return f"metadata (.json) cannot be parsed ({type(error).__name__})"
 
 
+def _json_integer(digits: str):
+    """An integer of the metadata. int() raises past 4300 digits (Python's limit on converting
+    strings to integers), and a box coordinate past 308 digits fits no float, so that checking the
+    box raised OverflowError: a number that long is no coordinate. It reads as the float it
+    rounds to (inf past 308 digits), and the box holding it is skipped as any non-finite one."""
+    return int(digits) if len(digits) <= 18 else float(digits)
+
+
 def _wds_sample(sample: _TarSample) -> RawSample:
     sample_id = printable(sample.key)
     if sample.problem is not None:
@@ -61,14 +74,13 @@ def _wds_sample(sample: _TarSample) -> RawSample:
             return RawSample(sample_id, -1, None, error=("read", "ValueError", str(error)))
     if "json" in members:
         try:
-            meta = json.loads(members["json"])
+            meta = json.loads(members["json"], parse_int=_json_integer)
         except (ValueError, RecursionError) as error:
             return RawSample(sample_id, -1, None, error=("read", type(error).__name__, _json_problem(error)))
-    image = next((members[ext] for ext in WEBDATASET_IMAGE_EXTENSIONS if ext in members), None)
-    if image is None:
+    if sample.image is None:
         message = f"no image member ({'/'.join(WEBDATASET_IMAGE_EXTENSIONS)}) for key"
         return RawSample(sample_id, label, None, error=("read", "MissingImage", message))
-    return RawSample(sample_id, label, image, meta=meta if isinstance(meta, dict) else None)
+    return RawSample(sample_id, label, sample.image, meta=meta if isinstance(meta, dict) else None)
 
 
 def _member_kind(member: tarfile.TarInfo) -> str:
@@ -80,9 +92,13 @@ def _member_kind(member: tarfile.TarInfo) -> str:
 
 
 def _add_member(tar: tarfile.TarFile, member: tarfile.TarInfo, extension: str, sample: _TarSample,
-                max_bytes: int) -> None:
+                max_bytes: int, seekable: bool) -> None:
     """Reads a member into its sample, or records why the sample is an error row; sizes come
-    from the header, so a refused member is never read."""
+    from the header, so a refused member is never read. Of a sample's images only the one used
+    is read, the first in WEBDATASET_IMAGE_EXTENSIONS' order: in an uncompressed tar it is read
+    once the sample is complete (`_read_image`), and the others are seeked past; a compressed
+    stream cannot go back, so an image that beats the one held replaces it, which is dropped
+    first. Either way a sample holds one image at a time."""
     if sample.problem is not None:
         return  # an error row already: the rest of its members are not read
     name = printable(member.name)
@@ -100,10 +116,29 @@ def _add_member(tar: tarfile.TarFile, member: tarfile.TarInfo, extension: str, s
     if member.size > limit:
         sample.refuse("TooLarge", f"member {name} holds {member.size} bytes, more than {limit_name}")
         return
-    if extension in sample.members:
+    if extension in sample.extensions:
         sample.refuse("DuplicateMember", f"member {name} is the second .{extension} member of its sample")
         return
-    sample.members[extension] = tar.extractfile(member).read()
+    sample.extensions.add(extension)
+    if extension not in WEBDATASET_IMAGE_EXTENSIONS:
+        sample.members[extension] = tar.extractfile(member).read()
+        return
+    rank = WEBDATASET_IMAGE_EXTENSIONS.index(extension)
+    if sample.image_rank is not None and sample.image_rank < rank:
+        return  # a preferred image is already there: this one is passed over unread
+    sample.image_rank, sample.image = rank, None
+    if seekable:
+        sample.image_member = member
+    else:
+        sample.image = tar.extractfile(member).read()
+
+
+def _read_image(tar: tarfile.TarFile, sample: _TarSample) -> None:
+    """Reads the image an uncompressed sample kept for last (tarfile seeks back to it, and then
+    on to where it was)."""
+    if sample.image_member is not None and sample.problem is None:
+        sample.image = tar.extractfile(sample.image_member).read()
+    sample.image_member = None
 
 
 class _BoundedReads:
@@ -202,6 +237,7 @@ def _webdataset(unit: Unit, cfg: DataConfig) -> Iterator[RawSample]:
                     continue
                 if sample is None or key != sample.key:
                     if sample is not None:
+                        _read_image(tar, sample)
                         yield _wds_sample(sample)
                     sample = _TarSample(key)
                     if key in keys_seen or position in duplicates:
@@ -209,11 +245,13 @@ def _webdataset(unit: Unit, cfg: DataConfig) -> Iterator[RawSample]:
                                                       "only the first is read")
                     keys_seen.add(key)
                     position += 1
-                _add_member(tar, member, extension.lower(), sample, cfg.max_bytes)
+                _add_member(tar, member, extension.lower(), sample, cfg.max_bytes, seekable=decompressed is None)
             else:
                 if unit.byte_end is not None:  # tarfile ends quietly at a bad header; a slice must not
                     raise tarfile.ReadError(f"the archive ends before byte {unit.byte_end}, where this unit "
                                             "ends; the shard changed after it was listed")
+            if sample is not None:
+                _read_image(tar, sample)  # the last sample, while the archive is open
             if decompressed is None and unit.byte_end is None:
                 _check_end_of_archive(handle, tar.offset)
     except _ARCHIVE_ERRORS as error:
