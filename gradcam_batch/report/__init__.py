@@ -1,12 +1,32 @@
 """gradcam-batch-report: one self-contained HTML page about an output folder.
 
     gradcam-batch-report OUTPUT_DIR [--out FILE.html] [--per-gallery N] [--max-classes N] [--layer NAME]
-                         [--no-images]
+                         [--no-images] [--no-strategies] [--strategies-top N] [--strategies-neighbors N]
+                         [--strategies-max-clusters N] [--strategies-min-maps N] [--strategies-grid GRID]
+                         [--strategies-max-exact N] [--strategies-workers N]
     python -m gradcam_batch.report OUTPUT_DIR
 
-The page holds a run summary, a per-class table, the class-mean maps, galleries (highest and
-lowest confidence, most border-focused maps, pointing-game misses) and the error rows. It needs
-nothing but itself: no network, no external CSS or script, every picture inlined as a data: URI.
+The page holds a run summary, a per-class table, the class-mean maps, the strategies, galleries
+(highest and lowest confidence, most border-focused maps, pointing-game misses) and the error
+rows. It needs nothing but itself: no network, no external CSS or script, every picture inlined
+as a data: URI, the scatter plots inline SVG.
+
+Strategies (spectral relevance analysis, SpRAy): by default the command clusters each class's
+rank-0 maps of the report's layer (strategies.find_strategies, which writes strategies.parquet and
+strategies_classes.parquet beside cams/; --no-strategies: neither, and no section) and ranks the
+report's classes by how strongly their maps split: those of two or more clusters with a tight one
+first, then by eigengap, then by the share of the smallest tight cluster. Tightness: the
+root-mean-square distance of a cluster's maps to their mean over that of the class's maps to the
+class mean (maps on the clustering's grid, scaled to sum 1); tight: at most 0.5 and at most 0.7
+times the median of the class's clusters. The top classes (--strategies-top, 5; at most 20) show
+their clusters side by side: size and share, mean map, exemplars (the maps nearest the mean, as
+gallery cards), the cluster's mean border_mass, centre of mass and entropy against the main
+(largest) cluster's, and the spectral embedding coloured by cluster. These come from one more
+streaming pass over the maps of the report's classes (sums per cluster, a bounded seeded sample
+per cluster for the exemplars). The other --strategies-* flags are StrategyOptions' fields; a bad
+value is one line, exit 2; without scikit-learn or SciPy, stderr and the page say so in one line
+and the rest of the report is written. From Python, build_report(strategies=StrategyOptions())
+asks for them (its default is none).
 
 Scale: the maps are never loaded all at once. The per-class statistics and the choice of the
 gallery rows read only the small columns (in DuckDB's SQL when DuckDB is importable, else in
@@ -53,6 +73,9 @@ The package, by what each module holds:
     listing     which data may be read back: the listing's shards, checked against the files as they are
     images      gallery images read back from the dataset as the run decoded them
     pictures    colour scale, upsampling, overlays, stored PNGs, data: URIs
+    spectral    SpRAy's method on one class's maps (kNN graph, eigengap, KMeans); StrategyOptions
+    strategies  SpRAy of an output folder: the pass, classes in parallel, strategies*.parquet
+    strategies_page  the Strategies section: the pass over the shown classes' clusters, the ranking, its HTML
     page        the HTML sections and the page
     build       build_report: from the folder to the written page; the options' ceilings
     cli         argument parsing and main

@@ -1,5 +1,6 @@
 """The command line: gradcam-batch-report OUTPUT_DIR [options]; a mistake or an unreadable folder
-is one line on stderr (exit code 2, or 1 for a file that cannot be read)."""
+is one line on stderr (exit code 2, or 1 for a file that cannot be read). The strategies (SpRAy)
+are found by default; --no-strategies leaves them out."""
 
 from __future__ import annotations
 
@@ -11,6 +12,20 @@ import pyarrow as pa
 
 from gradcam_batch.report.build import MAX_CLASSES, MAX_PER_GALLERY, build_report
 from gradcam_batch.report.source import PROG, ReportError, _first_line, _skipped_text
+from gradcam_batch.report.strategies import StrategyError, StrategyOptions
+from gradcam_batch.report.strategies_page import DEFAULT_TOP, MAX_TOP
+
+STRATEGY_FLAGS = {
+    "neighbors": "k of the symmetric k-nearest-neighbour graph of each class's maps",
+    "max_clusters": "the most clusters the eigengap may choose per class",
+    "min_maps": "classes with fewer usable rank-0 maps are not clustered",
+    "grid": "maps are resized to GRID x GRID before clustering (default: the layer's most common map size)",
+    "max_exact": "classes with more usable maps are clustered on a seeded sample of this many, the rest by their "
+                 "nearest sampled neighbours",
+    "workers": "processes clustering classes in parallel (0: automatic, one per core up to a cap; a layer of "
+               "20,000 maps or fewer is then clustered in this process)",
+}
+"""--strategies-<field> -> StrategyOptions field, with its help (the default is StrategyOptions's)."""
 
 
 def _read_errors() -> tuple[type[BaseException], ...]:
@@ -26,6 +41,13 @@ def _read_errors() -> tuple[type[BaseException], ...]:
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str):  # one line, like gradcam-batch's own mistakes
         self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def _integer(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
 
 
 def _within(minimum: int, maximum: int, why: str):
@@ -44,7 +66,8 @@ def _within(minimum: int, maximum: int, why: str):
 
 def parser() -> argparse.ArgumentParser:
     parse = _Parser(prog=PROG, description="Write one self-contained HTML report (summary, per-class table, "
-                                           "class-mean maps, galleries, errors) about a gradcam-batch output folder.")
+                                           "class-mean maps, strategies, galleries, errors) about a gradcam-batch "
+                                           "output folder.")
     parse.add_argument("output_dir", help="the output.dir of a gradcam-batch run")
     parse.add_argument("--out", metavar="FILE.html", help="the HTML file to write (default: OUTPUT_DIR/report.html)")
     parse.add_argument("--per-gallery", type=_within(0, MAX_PER_GALLERY, "each card inlines a picture in the page"),
@@ -64,14 +87,52 @@ def parser() -> argparse.ArgumentParser:
                             "the run stored). Without it, images are read only from the shards the output's "
                             "listing names, once their files match it (path, size, modification time), and "
                             "stderr names what was read")
+    parse.add_argument("--no-strategies", action="store_true",
+                       help="do not find the strategies (spectral relevance analysis of each class's maps): no "
+                            "Strategies section, no strategies.parquet or strategies_classes.parquet written in "
+                            "OUTPUT_DIR. Without it they are found, for the layer of the report")
+    parse.add_argument("--strategies-top", type=_within(0, MAX_TOP, "each class shows its clusters' mean maps and "
+                                                                   "exemplar cards"),
+                       default=None, metavar="N", help=f"classes shown cluster by cluster: the first N of the "
+                                                       f"ranking that split (default {DEFAULT_TOP}; 0: the ranking "
+                                                       f"alone; at most {MAX_TOP})")
+    defaults = StrategyOptions()
+    for name, what in STRATEGY_FLAGS.items():
+        default = getattr(defaults, name)
+        parse.add_argument(f"--strategies-{name.replace('_', '-')}", type=_integer, default=None,
+                           metavar="GRID" if name == "grid" else "N",
+                           help=what + ("" if default is None else f" (default {default})"))
     return parse
+
+
+def strategy_options(args: argparse.Namespace) -> Optional[StrategyOptions]:
+    """The StrategyOptions the flags give (None with --no-strategies), or a one-line StrategyError
+    naming the flag."""
+    given = {name: getattr(args, f"strategies_{name}") for name in STRATEGY_FLAGS}
+    given = {name: value for name, value in given.items() if value is not None}
+    if args.no_strategies:
+        extra = [f"--strategies-{name.replace('_', '-')}" for name in given]
+        if args.strategies_top is not None:
+            extra.append("--strategies-top")
+        if extra:
+            raise StrategyError(f"{', '.join(extra)} with --no-strategies: give one or the other")
+        return None
+    try:
+        return StrategyOptions(**given)
+    except StrategyError as error:
+        name, _, rest = str(error).partition("=")
+        if name in STRATEGY_FLAGS and rest:  # "neighbors=0: give ..." -> "--strategies-neighbors 0: give ..."
+            raise StrategyError(f"--strategies-{name.replace('_', '-')} {rest}") from None
+        raise
 
 
 def main(argv: Optional[list[str]] = None) -> int:
     args = parser().parse_args(argv)
     try:
+        strategies = strategy_options(args)
+        top = DEFAULT_TOP if args.strategies_top is None else args.strategies_top
         report = build_report(args.output_dir, args.out, args.per_gallery, args.max_classes, args.layer,
-                              args.engine, images=not args.no_images)
+                              args.engine, images=not args.no_images, strategies=strategies, strategies_top=top)
     except ReportError as error:
         print(f"{PROG}: error: {error}", file=sys.stderr)
         return 2
@@ -84,6 +145,18 @@ def main(argv: Optional[list[str]] = None) -> int:
     stored = f", {report.heatmaps_shown} stored heatmaps" if report.heatmaps_shown else ""
     print(f"wrote {report.path} (layer {report.layer or '(unnamed)'}: {report.classes} classes, "
           f"{report.gallery_cards} gallery cards, {report.images_shown} images from the dataset{stored})")
+    view = report.strategies
+    if view is not None and view.note:
+        print(f"{PROG}: warning: strategies not found: {view.note}; the rest of the report is written "
+              "(--no-strategies leaves them out)", file=sys.stderr)
+    elif view is not None:
+        split = sum(1 for result in view.results if result.clusters > 1)
+        clustered = sum(1 for result in view.results if result.clusters > 0)
+        first = view.split[0].result.target_class if view.split else None
+        print(f"strategies of layer {report.layer or '(unnamed)'}: {clustered} of {len(view.results)} classes "
+              f"clustered, {split} split into 2 or more clusters"
+              + (f", ranked first: class {first}" if first is not None else "")
+              + f" ({view.seconds:.1f} s); wrote {', '.join(str(path) for path in view.files)}")
     if report.zero_maps * 2 > report.maps:  # the page warns too; a scripted run should not miss it
         print(f"{PROG}: warning: {report.zero_maps:,} of {report.maps:,} rank-0 maps of layer "
               f"{report.layer or '(unnamed)'} are all zero (no positive evidence; see the page)", file=sys.stderr)

@@ -1,5 +1,6 @@
-"""The HTML page: the run summary, the per-class table, the class-mean maps, the galleries and the
-error rows, rendered into one self-contained page (inline CSS, every picture a data: URI)."""
+"""The HTML page: the run summary, the per-class table, the class-mean maps, the strategies
+(rendered by strategies_page), the galleries and the error rows, in one self-contained page
+(inline CSS, every picture a data: URI)."""
 
 from __future__ import annotations
 
@@ -57,6 +58,18 @@ figcaption .why { color: #a05a00; display: block; }
 .legend { display: flex; align-items: center; gap: 8px; color: var(--muted); font-size: 12px; margin: 4px 0 10px; }
 .legend img { width: 160px; height: 12px; border-radius: 2px; }
 footer { margin-top: 40px; color: var(--muted); font-size: 12px; }
+h3 { font-size: 16px; margin: 28px 0 6px; }
+h4 { font-size: 13px; margin: 0 0 2px; }
+section.strategy { border-top: 1px solid var(--line); margin-top: 18px; }
+.strategy-top { display: flex; flex-wrap: wrap; gap: 18px; align-items: flex-start; }
+figure.embedding { flex: 0 0 322px; }
+figure.embedding svg { display: block; }
+.swatch { display: inline-block; width: 10px; height: 10px; border-radius: 50%; margin-right: 4px; }
+.key { margin-right: 8px; white-space: nowrap; }
+.clusters { display: flex; gap: 14px; overflow-x: auto; padding: 8px 0; }
+.cluster { flex: 0 0 250px; }
+.cluster figure img.cluster-mean { image-rendering: auto; }
+.grid.exemplars { grid-template-columns: repeat(2, 1fr); gap: 8px; margin-top: 8px; }
 """
 
 
@@ -476,11 +489,13 @@ def errors_section(total: int, shown: list[dict]) -> str:
 
 
 def render(source: Source, overview: Overview, layer: str, shown: list[ClassStats], scan: MapScan, images: Images,
-           errors_total: int, errors: list[dict], per_gallery: int) -> str:
+           errors_total: int, errors: list[dict], per_gallery: int, strategies: str = "") -> str:
+    """The page; `strategies`: the Strategies section's HTML (strategies_page), "" to leave it out."""
     names = images.class_names
     title = f"gradcam-batch report: {source.manifest.get('model') or source.output_dir.name}"
     nav = "".join(f'<a href="#{anchor}">{_e(text)}</a>' for anchor, text in
-                  [("summary", "Summary"), ("classes", "Classes"), ("means", "Class means"), ("galleries", "Galleries"),
+                  [("summary", "Summary"), ("classes", "Classes"), ("means", "Class means"),
+                   *([("strategies", "Strategies")] if strategies else []), ("galleries", "Galleries"),
                    *((f"gallery-{key}", heading) for key, heading, *_ in GALLERIES), ("errors", "Errors")])
     generated = datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
     alarm = ""
@@ -500,6 +515,7 @@ def render(source: Source, overview: Overview, layer: str, shown: list[ClassStat
         + summary_section(source, overview, layer, errors_total)
         + class_section(source, overview, shown, names, layer)
         + means_section(shown, scan, names, layer)
+        + strategies
         + gallery_sections(source, overview, per_gallery, scan, images, layer)
         + errors_section(errors_total, errors)
         + f"<footer>Written by {PROG} ({_e(overview.engine)}). Self-contained: every picture is inlined."
