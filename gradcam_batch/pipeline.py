@@ -453,7 +453,7 @@ def _process(cfg: Config, resolved: dict, device, channels_last, engine: CamEngi
                                                   **{key: value.numpy() for key, value in maps.statistics.items()},
                                                   **extra.numpy()}
                                                  for maps, extra in zip(result.layers, extras)],
-                                  totals=totals)
+                                  totals=totals, image_digests=batch.image_digests)
             else:
                 empty = np.empty((0, 1))
                 out = ShardOutput(batch.shard_id, [], np.empty(0, np.int64), empty, empty, empty,

@@ -151,6 +151,9 @@ CAM_SCHEMA = pa.schema([
     ("confidence_change", pa.float32()),
     ("drop_in_confidence", pa.float32()),
     ("increase_in_confidence", pa.bool_()),
+    # the first 16 hex digits of the SHA-256 of the sample's encoded image as read (data.loader.image_digest),
+    # on every row of the sample; the report checks an image read back against it
+    ("image_digest", pa.string()),
 ])
 # Columns a row may leave null: what was not asked for (cam_resized, heatmap_png, faithfulness),
 # what the sample has no data for (box metrics without boxes, or of an all-zero map), what is
@@ -207,6 +210,7 @@ class ShardOutput:
     # what the batch adds to its unit's totals: {name: number, or a dict of them}, summed per unit
     # into the part file's footer (UNIT_TOTALS_KEY)
     totals: dict = field(default_factory=dict)
+    image_digests: list[str] | None = None  # (N,) aligned with sample_ids; None: not recorded (null)
 
     @property
     def unit(self) -> str:
@@ -313,7 +317,19 @@ def _layer_table(out: ShardOutput, layer: str, layer_cams: np.ndarray, cam_mean:
         pa.array((peak % width).astype(np.int32)),
         pa.array([layer] * rows, pa.string()),
         *_extra_columns(out, extras, rows, num_targets),
+        _digest_column(out, num_targets),
     ], schema=CAM_SCHEMA)
+
+
+def _digest_column(out: ShardOutput, num_targets: int) -> pa.Array:
+    """The image_digest column: each sample's digest on all its rows, like sample_id."""
+    rows = len(out.sample_ids) * num_targets
+    if out.image_digests is None:
+        return pa.nulls(rows, pa.string())
+    if len(out.image_digests) != len(out.sample_ids):  # a row would carry another sample's digest
+        raise ValueError(f"shard {out.shard_id!r}: {len(out.image_digests)} image digests for "
+                         f"{len(out.sample_ids)} samples")
+    return pa.array(np.repeat(np.array(out.image_digests, dtype=object), num_targets), pa.string())
 
 
 def _error_table(shard_id: str, errors: list[tuple[str, str, str, str]], schema: pa.Schema) -> pa.Table:

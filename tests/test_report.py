@@ -416,7 +416,8 @@ def test_new_columns_feed_the_table_and_the_galleries(synthetic, tmp_path, engin
     assert cards == result.gallery_cards == 15 + min(5, len(misses))
     # images from the ImageFolder, at the manifest's crop (data.crop was null: preprocessing)
     shown = {card for key in ("high", "low", "border", "misses") for card in page.card_ids(f"gallery-{key}")}
-    assert result.images_shown == len(shown) and result.note is None
+    # the synthetic rows record no image_digest, as output of older versions: the page says so
+    assert result.images_shown == len(shown) and "could not be verified" in result.note
     assert decode_data_uri(page.sections["gallery-high"]["images"][0]["src"]).size == (32, 32)
     # the legend, then one per class but class 2, whose maps of this layer have two sizes
     assert len(page.sections["means"]["images"]) == 1 + len(by_class) - 1

@@ -155,15 +155,17 @@ def test_a_crafted_root_does_not_put_the_users_own_pictures_in_the_page(folder_r
 
 def test_the_listing_decides_what_is_read(folder_run, tmp_path):
     """The control for the test above: a listing with the picture's exact size and nanosecond
-    modification time (which only someone with access to the file knows) is what lets it be read."""
+    modification time, and a row with its content digest (all of which only someone with access
+    to the file knows), is what lets it be read."""
     root, out = folder_run
     picture = passport(tmp_path / "home")
     sent = copy_output(out, tmp_path / "sent")
     edit_manifest(sent, lambda manifest: (manifest["config"]["data"].update(root=str(tmp_path / "home")),
                                           manifest.update(listing=forged_listing(picture, 1,
                                                                                  picture.stat().st_mtime_ns))))
+    digest = hashlib.sha256(picture.read_bytes()).hexdigest()[:16]
     edit_rows(sent / "cams" / "part-imagefolder-00000.parquet",
-              lambda rows: [row.update(sample_id="Pictures/passport.png") for row in rows[:1]])
+              lambda rows: [row.update(sample_id="Pictures/passport.png", image_digest=digest) for row in rows[:1]])
     result = report.build_report(sent, tmp_path / "page.html", per_gallery=5)
     assert result.images_shown == 1
     assert result.images_from == f"data.root {tmp_path / 'home'} (listed shard imagefolder-00000)"

@@ -5,6 +5,7 @@ a unit's last batch is flagged, so the writer knows when the unit's part file is
 from __future__ import annotations
 
 import functools
+import hashlib
 import logging
 import os
 import sys
@@ -23,6 +24,14 @@ from gradcam_batch.data.transforms import boxes_from_meta, decode_resize_crop, d
 log = logging.getLogger("gradcam_batch")
 
 
+def image_digest(payload: bytes) -> str:
+    """The `image_digest` column: the first 16 hex digits of the SHA-256 of a sample's encoded
+    image, its bytes exactly as read from the shard or file. The report hashes what it reads back
+    the same way, so a file changed since the run (even to the same size, its mtime restored) is
+    not shown under a map of other pixels."""
+    return hashlib.sha256(payload).hexdigest()[:16]
+
+
 @dataclass
 class Batch:
     """Samples of one unit. The first len(images) were decoded by the worker; the rest arrive
@@ -37,6 +46,9 @@ class Batch:
     payloads: list[bytes] = field(default_factory=list)
     unit_id: str = ""  # the unit the samples belong to (its part file's name); "" means the whole shard
     worker: int = -1  # the DataLoader worker that read it (-1: the main process), to see the load spread
+    # image_digest(payload) of each sample, aligned with sample_ids (whoever drops a sample drops
+    # its digest); None: not recorded (the column is then null)
+    image_digests: list[str] | None = None
 
     def pin_memory(self) -> "Batch":
         self.images = self.images.pin_memory()
@@ -48,7 +60,7 @@ class _Pending:
 
     def __init__(self):
         self.images, self.payloads = [], []
-        self.decoded_rows, self.payload_rows = [], []  # (sample_id, label, boxes) each
+        self.decoded_rows, self.payload_rows = [], []  # (sample_id, label, boxes, image digest) each
         self.errors = []
 
     def __len__(self) -> int:
@@ -61,12 +73,13 @@ class _Pending:
             unit_id=unit.unit_id,
             worker=worker,
             images=torch.stack(self.images) if self.images else torch.empty(0, 3, crop, crop, dtype=torch.uint8),
-            labels=torch.tensor([label for _, label, _ in rows], dtype=torch.int64),
-            boxes=_box_tensor([boxes for _, _, boxes in rows]),
-            sample_ids=[sample_id for sample_id, _, _ in rows],
+            labels=torch.tensor([label for _, label, _, _ in rows], dtype=torch.int64),
+            boxes=_box_tensor([boxes for _, _, boxes, _ in rows]),
+            sample_ids=[sample_id for sample_id, _, _, _ in rows],
             errors=self.errors,
             last=last,
             payloads=self.payloads,
+            image_digests=[digest for _, _, _, digest in rows],
         )
 
 
@@ -92,13 +105,14 @@ class ShardBatches(IterableDataset):
         self._samples_seen += 1
         size = device_jpeg_size(sample.payload, cfg.max_pixels) if to_device else None
         if size is not None:
+            box = map_box(box, *size, cfg.resize, cfg.crop)
             pending.payloads.append(sample.payload)
-            pending.payload_rows.append((sample.sample_id, sample.label, map_box(box, *size, cfg.resize, cfg.crop)))
+            pending.payload_rows.append((sample.sample_id, sample.label, box, image_digest(sample.payload)))
             return
         image, box = decode_resize_crop(sample.payload, cfg.resize, cfg.crop, cfg.max_pixels, box,
                                         interpolation=cfg.interpolation)
         pending.images.append(image)
-        pending.decoded_rows.append((sample.sample_id, sample.label, box))
+        pending.decoded_rows.append((sample.sample_id, sample.label, box, image_digest(sample.payload)))
 
     def _unit_batches(self, unit: Unit, worker: int) -> Iterator[Batch]:
         cfg = self.cfg

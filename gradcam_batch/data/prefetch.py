@@ -52,7 +52,8 @@ class Preprocess:
 
 def device_images(batch: Batch, decoder: DeviceDecoder | None, device: torch.device) -> torch.Tensor:
     """uint8 images of the batch on the device: the workers' ones, then the device-decoded
-    payloads. Payloads that fail to decode leave the batch and join its error rows."""
+    payloads. Payloads that fail to decode leave the batch (sample id, label, boxes and image
+    digest) and join its error rows."""
     images = batch.images.to(device, non_blocking=True)
     if not batch.payloads:
         return images
@@ -64,6 +65,8 @@ def device_images(batch: Batch, decoder: DeviceDecoder | None, device: torch.dev
         batch.errors.extend((batch.sample_ids[offset + index], "decode", type(error).__name__, str(error)[:500])
                             for index, error in failed.items())
         batch.sample_ids = [batch.sample_ids[i] for i in keep]
+        if batch.image_digests is not None:  # each row's digest stays its own sample's
+            batch.image_digests = [batch.image_digests[i] for i in keep]
         batch.labels, batch.boxes = batch.labels[keep], batch.boxes[keep]
     return torch.cat([images, decoded])
 
@@ -71,7 +74,7 @@ def device_images(batch: Batch, decoder: DeviceDecoder | None, device: torch.dev
 @dataclass
 class ReadyBatch:
     """One batch, ready for the model on the consumer's current stream."""
-    batch: Batch  # host side; sample_ids, labels, boxes and errors already hold the decode failures
+    batch: Batch  # host side; sample_ids, labels, boxes, image_digests and errors already hold the decode failures
     images: torch.Tensor  # normalized float (N, 3, crop, crop) on the device, Preprocess's memory format
     labels: torch.Tensor  # int64 (N,) on the device
 

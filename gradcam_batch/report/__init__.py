@@ -45,8 +45,10 @@ An output folder may come from someone else, and the page is made to be shared, 
 decides nothing it has not proven. Images (and an ImageFolder's class names) are read only from
 the shards the manifest's listing names, and only once the files still match it: a tar or
 Parquet shard's path, size and modification time; an ImageFolder shard's names, labels, sizes
-and modification times, listed again. A card whose sample the listing does not name, or whose
-shard fails the check, shows the map alone with the reason; stderr and the page name the data
+and modification times, listed again; and each image's bytes must hash to the image_digest its
+rows record (a same-size replacement with its time restored is caught too). A card whose sample
+the listing does not name, or whose shard or bytes fail the check, shows the map alone with the
+reason; stderr and the page name the data
 read, and --no-images reads none. Only the tool's part files are counted (source: the names
 writer.part_name gives, the units of the listing, the tool's metadata and columns, rows of their
 own shard); the others in cams/ and errors/ are named as not read. A manifest that is not an

@@ -2,7 +2,11 @@
 preprocessing it recorded), only from the shards that hold the wanted samples, and decoded with
 the run's own resize and crop, so that each map lies over exactly the pixels it explains. Only
 shards that the folder's own listing names, and whose files still match it, are read (listing);
-so are the class names of an ImageFolder."""
+so are the class names of an ImageFolder. Each image read is then hashed as the run hashed it
+(data.loader.image_digest) and shown only if that matches its rows' `image_digest`: a file
+replaced since the run by one of the same size, its modification time restored, passes the
+listing but not this. Rows without a digest (an older version's output) fall back to the
+listing's checks, and the page says that their content could not be verified."""
 
 from __future__ import annotations
 
@@ -13,10 +17,16 @@ from pathlib import Path
 from typing import Optional
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 
 from gradcam_batch.report.listing import check_shards, described, listed_shards
 from gradcam_batch.report.pictures import CARD_SIZE
-from gradcam_batch.report.source import ReportError, _first_line
+from gradcam_batch.report.source import (PART_FILE, REQUIRED_COLUMNS, ReportError, _batches, _first_line, _run_units,
+                                         _whose)
+
+DIGEST_COLUMN = "image_digest"
+CONTENT_CHANGED = "the file's content changed since the run"
 
 
 @dataclass
@@ -97,6 +107,48 @@ def _first_box(meta) -> Optional[list]:
         return None
 
 
+def recorded_digests(manifest: dict, output_dir: Path, wanted: set[tuple[str, str]]
+                     ) -> dict[tuple[str, str], set[str]]:
+    """(shard, sample_id) -> the image_digest values of the wanted samples' rows (one, written by
+    the run), read from the part files of their shards that the report reads (source's checks);
+    a sample absent here has no digest recorded (an older version's output)."""
+    cams = output_dir / "cams"
+    if cams.is_symlink():  # the report reads nothing through a link planted in the folder
+        return {}
+    by_shard: dict[str, set[str]] = {}
+    for shard_id, sample_id in wanted:
+        by_shard.setdefault(shard_id, set()).add(sample_id)
+    units = _run_units(manifest)
+    digests: dict[tuple[str, str], set[str]] = {}
+    for path in sorted(cams.glob("*.parquet")):
+        name = PART_FILE.fullmatch(path.name)
+        if name is None or name.group("shard") not in by_shard:
+            continue
+        footer = _whose(path, REQUIRED_COLUMNS, units)
+        if isinstance(footer, str) or DIGEST_COLUMN not in footer.schema.to_arrow_schema().names:
+            continue
+        shard_id = name.group("shard")
+        ids = pa.array(sorted(by_shard[shard_id]), pa.string())
+        for batch in _batches(path, ["shard", "sample_id", DIGEST_COLUMN], 65_536):
+            mine = pc.and_(pc.equal(batch.column("shard"), shard_id), pc.is_in(batch.column("sample_id"), ids))
+            mine = pc.and_(mine, batch.column(DIGEST_COLUMN).is_valid()).fill_null(False)
+            rows = batch.filter(mine)
+            for sample_id, digest in zip(rows.column("sample_id").to_pylist(), rows.column(DIGEST_COLUMN).to_pylist()):
+                digests.setdefault((shard_id, sample_id), set()).add(digest)
+    return digests
+
+
+def _content_problem(payload: bytes, recorded: set[str]) -> Optional[str]:
+    """Why the image read back is not the one the run read (its rows' digests), or None."""
+    from gradcam_batch.data.loader import image_digest
+
+    if len(recorded) > 1:
+        return "its rows record different image digests, so which image they explain is unknown; not shown"
+    if image_digest(payload) not in recorded:
+        return f"{CONTENT_CHANGED} (its SHA-256 is not the image_digest the run recorded); not shown"
+    return None
+
+
 def read_images(manifest: dict, output_dir: Path, wanted: set[tuple[str, str]]) -> Images:
     """Decode the wanted samples as the run did, reading only the shards that hold them, of those
     only the ones the run's listing names and that still match it."""
@@ -128,6 +180,13 @@ def read_images(manifest: dict, output_dir: Path, wanted: set[tuple[str, str]]) 
     except Exception as error:  # noqa: BLE001 -- an unreadable folder, ...
         images.note = f"the dataset cannot be read any more: {_first_line(error)}"
         return images
+    try:
+        digests = recorded_digests(manifest, output_dir, wanted)
+    except Exception as error:  # noqa: BLE001 -- no image is shown unchecked when the record cannot be read
+        images.class_names = _class_names(cfg, checked.root)
+        images.note = f"the run's image digests cannot be read ({_first_line(error)}); no image is shown"
+        return images
+    unverified = 0
     images.class_names = _class_names(cfg, checked.root)
     by_shard: dict[str, set[str]] = {}
     for shard_id, sample_id in wanted:
@@ -156,14 +215,18 @@ def read_images(manifest: dict, output_dir: Path, wanted: set[tuple[str, str]]) 
                     continue
                 left.discard(sample.sample_id)
                 key = (shard_id, sample.sample_id)
+                recorded = digests.get(key)  # None: an older version's output, no digest to check
                 if sample.payload is None:
                     images.problems[key] = f"not readable: {sample.error[2] if sample.error else 'no image'}"
+                elif recorded is not None and (changed := _content_problem(sample.payload, recorded)):
+                    images.problems[key] = changed  # not even decoded: these bytes are not the run's
                 else:
                     try:
                         picture, box = decode_resize_crop(sample.payload, cfg.resize, cfg.crop, cfg.max_pixels,
                                                           box=_first_box(sample.meta),
                                                           interpolation=cfg.interpolation or "bilinear")
                         images.pictures[key] = picture.permute(1, 2, 0).contiguous().numpy()
+                        unverified += recorded is None
                         if box is not None:
                             images.boxes[key] = [float(value) for value in box]
                     except Exception as error:  # noqa: BLE001 -- that card shows its map alone
@@ -184,6 +247,12 @@ def read_images(manifest: dict, output_dir: Path, wanted: set[tuple[str, str]]) 
     elif refused:
         named = ", ".join(refused[:3]) + (", ..." if len(refused) > 3 else "")
         images.note = f"{len(refused)} shard(s) not read ({named}): {checked.problems[refused[0]]}"
+    if unverified:
+        noun, files = ("images", "their files'") if unverified > 1 else ("image", "its file's")
+        fallback = (f"the content of {unverified} {noun} shown could not be verified (this output records no "
+                    f"{DIGEST_COLUMN}: an older version wrote it); only {files} path, size and modification time "
+                    "were checked")
+        images.note = f"{images.note}; {fallback}" if images.note else fallback
     return images
 
 

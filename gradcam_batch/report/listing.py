@@ -4,7 +4,9 @@ only once the files as they are now match that record: a tar or Parquet shard's 
 modification time; an ImageFolder shard's file names, labels, sizes and modification times, read
 again from its class folders. A folder sent by someone else then cannot make the report read the
 reporting user's own files into the page: a data.root or path in a crafted manifest is read only
-where the listing also gives the exact size and nanosecond modification time of every file."""
+where the listing also gives the exact size and nanosecond modification time of every file.
+Size and time do not prove content (a file rewritten to the same size, its time restored, passes
+here): images.py then checks every image it reads against the digest its rows record."""
 
 from __future__ import annotations
 

@@ -446,7 +446,8 @@ def gallery_sections(source: Source, overview: Overview, per_gallery: int, scan:
     if images.read_from:
         parts.append(f'<p class="note read-from">The gallery images were read back from {_e(images.read_from)}, '
                      "each file checked against the run's listing (path, size, modification time) before it was "
-                     "read. <code>--no-images</code> writes the page without reading the dataset.</p>")
+                     "read and each image's bytes against the <code>image_digest</code> its rows record before "
+                     "it was shown. <code>--no-images</code> writes the page without reading the dataset.</p>")
     if images.note:
         parts.append(f'<p class="warn">Images: {_e(images.note)}; cards without an image show the map alone.</p>')
     parts.append("</section>")
