@@ -21,6 +21,7 @@ from gradcam_batch.methods import METHODS
 DATA_FORMATS = ("demo", "imagefolder", "webdataset", "parquet")
 DECODE_MODES = ("auto", "workers", "device", "mixed")
 MODEL_SOURCES = ("demo", "torchvision", "timm", "huggingface", "checkpoint")
+DEMO_MODEL_NAMES = (None, "shortcut")  # model=demo's model.name: the demo CNN, the planted-shortcut one
 FUSE_MODES = ("mean", "max")
 TARGET_MODES = ("pred", "topk", "label", "classes")
 BACKENDS = ("auto", "torch", "triton")
@@ -120,6 +121,14 @@ class DataConfig:
     """DataLoader worker processes that read and decode shards (0 decodes in the main process)."""
     demo_images: int = 1200
     """demo: how many synthetic images to generate."""
+    demo_shortcut_class: Optional[int] = None
+    """demo: plant a shortcut in this class (0 circle, 1 square, 2 triangle, 3 cross): a share of
+    its images carry a checker mark in the bottom-left corner and a faint shape, and their
+    `<key>.json` says `"shortcut": true` (data=demo_shortcut plants 3, which model=demo_shortcut
+    learned to read). null: no shortcut."""
+    demo_shortcut_share: float = 0.3
+    """demo: the share of data.demo_shortcut_class's images that carry the mark, in (0, 1]: of n
+    images of that class, exactly round(share * n) (halves up), spread evenly over the shards."""
     decode: str = "auto"
     """Where JPEGs are decoded: workers (CPU processes), device (batched on the model's device,
     nvJPEG on CUDA, a batch ahead of the model on its own stream; other formats still decode in
@@ -153,6 +162,13 @@ class DataConfig:
         _choice("data.decode", self.decode, DECODE_MODES)
         _within("data.batch_size", self.batch_size, 1, 65536, "images per device batch")
         _within("data.demo_images", self.demo_images, 1, 10_000_000, "synthetic images for the demo")
+        if self.demo_shortcut_class is not None:
+            _within("data.demo_shortcut_class", self.demo_shortcut_class, 0, 3,  # models.DEMO_CLASSES
+                    "a demo class: 0 circle, 1 square, 2 triangle, 3 cross")
+        if (isinstance(self.demo_shortcut_share, bool) or not isinstance(self.demo_shortcut_share, (int, float))
+                or not 0.0 < self.demo_shortcut_share <= 1.0):
+            raise UserError(f"data.demo_shortcut_share={self.demo_shortcut_share!r} is not valid; "
+                            "it must be in (0, 1] (the share of the planted class's images stamped)")
         if self.root is not None:
             self.root = os.path.expanduser(self.root)
         _at_least("data.num_workers", self.num_workers, 0)
@@ -231,6 +247,8 @@ _FORMAT_SETTINGS = {
     "boxes_column": ("parquet",),
     "id_column": ("parquet",),
     "demo_images": ("demo",),
+    "demo_shortcut_class": ("demo",),
+    "demo_shortcut_share": ("demo",),
     "follow_links": ("imagefolder", "parquet"),
 }
 _DATA_DEFAULTS = {field.name: field.default for field in dataclasses.fields(DataConfig)}
@@ -254,7 +272,8 @@ class ModelConfig:
     (a whole-model file)."""
     name: Optional[str] = None
     """torchvision / timm: the model name, e.g. resnet50 or vit_base_patch16_224. huggingface: a
-    local folder (save_pretrained) or a hub id already in the local Hugging Face cache."""
+    local folder (save_pretrained) or a hub id already in the local Hugging Face cache. demo: null
+    (the demo CNN) or shortcut (the one trained with a planted shortcut: model=demo_shortcut)."""
     weights: Optional[str] = None
     """torchvision: a local state_dict file, a weights enum name (e.g. IMAGENET1K_V2, resolved
     through the torch hub cache), or null for random init. timm: a local weights file (.pth,
@@ -278,6 +297,9 @@ class ModelConfig:
             example = {"torchvision": "resnet50", "timm": "vit_base_patch16_224",
                        "huggingface": "/models/vit-base-patch16-224"}[self.source]
             raise UserError(f"model={self.source} needs model.name=NAME (e.g. {example})")
+        if self.source == "demo" and self.name not in DEMO_MODEL_NAMES:
+            raise UserError(f"model.name={self.name!r} is not a demo model; with model=demo use model.name=shortcut "
+                            "(the planted-shortcut model, model=demo_shortcut) or leave model.name out")
         if self.source == "checkpoint" and not self.weights:
             raise UserError("model=checkpoint needs model.weights=FILE (a whole-model file)")
         if self.num_classes is not None:

@@ -18,6 +18,10 @@ from gradcam_batch.layers import output_shapes, resolve_target_layer, resolve_ta
 log = logging.getLogger("gradcam_batch")
 
 DEMO_WEIGHTS = Path(__file__).parent / "assets" / "demo_cnn.pt"
+DEMO_SHORTCUT_WEIGHTS = Path(__file__).parent / "assets" / "demo_cnn_shortcut.pt"
+"""model=demo_shortcut (model.name=shortcut): the demo CNN trained with a planted shortcut, a corner
+mark on a share of the crosses (data=demo_shortcut), which its maps of those images point at."""
+DEMO_MODELS = {None: DEMO_WEIGHTS, "shortcut": DEMO_SHORTCUT_WEIGHTS}
 DEMO_CLASSES = ("circle", "square", "triangle", "cross")
 
 
@@ -169,11 +173,14 @@ def _checkpoint_model(cfg: ModelConfig) -> nn.Module:
     return model
 
 
-def demo_model() -> nn.Module:
+def demo_model(name: str | None = None) -> nn.Module:
+    """The built-in demo CNN: the plain one (name null) or the planted-shortcut one (`shortcut`)."""
     model = DemoCNN()
-    if not DEMO_WEIGHTS.is_file():
-        raise UserError(f"demo weights missing at {DEMO_WEIGHTS}; run scripts/train_demo_model.py")
-    model.load_state_dict(torch.load(DEMO_WEIGHTS, map_location="cpu", weights_only=True))
+    weights = DEMO_MODELS[name]
+    if not weights.is_file():
+        how = " --shortcut" if name == "shortcut" else ""
+        raise UserError(f"demo weights missing at {weights}; run scripts/train_demo_model.py{how}")
+    model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
     return model
 
 
@@ -189,7 +196,7 @@ def load_model(cfg: ModelConfig) -> tuple[nn.Module, Preprocessing]:
     """
     recipe = Preprocessing()
     if cfg.source == "demo":
-        model, recipe = demo_model(), DEMO_RECIPE
+        model, recipe = demo_model(cfg.name), DEMO_RECIPE
     elif cfg.source == "torchvision":
         model = _torchvision_model(cfg)
     elif cfg.source in ("timm", "huggingface"):

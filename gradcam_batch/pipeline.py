@@ -261,10 +261,11 @@ def _prepare(cfg: Config, device: torch.device):
     _check_resized_maps_fit(cfg, len(layers) + (cfg.cam.fuse is not None))
     if shards is None:
         root = Path(cfg.output.dir) / "demo-data"  # never outside output.dir
+        demo_settings = (cfg.data.demo_images, cfg.data.demo_shortcut_class, cfg.data.demo_shortcut_share)
         if dist.is_main():
-            ensure_demo_shards(root, cfg.data.demo_images)
+            ensure_demo_shards(root, *demo_settings)
         dist.barrier()
-        shards = list_shards(cfg.data, files=ensure_demo_shards(root, cfg.data.demo_images))
+        shards = list_shards(cfg.data, files=ensure_demo_shards(root, *demo_settings))
     if cfg.model.source in ("timm", "huggingface"):  # the model's recipe, not the familiar ImageNet one
         log.info("preprocessing: resize %d, crop %d, %s, mean %s, std %s (defaults from %s)", cfg.data.resize,
                  cfg.data.crop, cfg.data.interpolation, _rounded(cfg.data.mean), _rounded(cfg.data.std),
