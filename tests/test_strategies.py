@@ -360,3 +360,10 @@ def test_benchmark_small(tmp_path, capsys):
     assert float(cells[5]) > 0 and float(cells[7]) > 50  # wall seconds; the process's peak MB
     assert float(cells[11]) >= 0.9 and cells[12] == "6 of 6"  # planted groups found, k right in every class
     assert "usable cores" in table.read_text() and "scikit-learn" in table.read_text()
+
+
+def test_the_readme_shows_the_query_this_file_runs():
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    assert STRATEGIES_JOIN.strip() in readme
+    for name in ("`embedding_x`, `embedding_y`", "`left_out`", "`eigenvalues`", "`eigengap`", "`approximate`"):
+        assert name in readme, name
