@@ -25,7 +25,8 @@ from gradcam_batch import report
 from gradcam_batch.writer import CAM_SCHEMA, ParquetShardWriter, ShardOutput
 from sample_data import add_member, encode, make_imagefolder, make_parquet, make_webdataset
 from test_report import Page
-from test_report_hostile import card_reasons, copy_output, edit_manifest, notes
+# the real ImageFolder and tar runs the hostile-folder tests use (module-scoped: a run per module)
+from test_report_hostile import card_reasons, copy_output, edit_manifest, folder_run, notes, tar_run  # noqa: F401
 
 CHANGED = "the file's content changed since the run"
 UNVERIFIED = "could not be verified"
@@ -161,30 +162,6 @@ def test_the_writer_refuses_digests_of_other_samples(tmp_path):
 
 
 # --- the report -----------------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def folder_run(tmp_path_factory):
-    """A real run over an ImageFolder of 5 images, shards of 2 files (imagefolder-00001 holds
-    c0/002.jpg and c1/000.jpg)."""
-    base = tmp_path_factory.mktemp("digest-folder")
-    root, out = base / "data", base / "out"
-    make_imagefolder(root, per_class=(3, 2))
-    summary = run_composed(*TINY_RESNET, "data=imagefolder", f"data.root={root}", "data.shard_size=2",
-                           f"output.dir={out}")
-    assert summary.images == 5
-    return root, out
-
-
-@pytest.fixture(scope="module")
-def tar_run(tmp_path_factory):
-    base = tmp_path_factory.mktemp("digest-tars")
-    shards, out = base / "shards", base / "out"
-    make_webdataset(shards, shards=2, per_shard=3)
-    summary = run_composed(*TINY_RESNET, "data=webdataset", f"data.shards=[{shards}/shard-0000.tar,"
-                           f"{shards}/shard-0001.tar]", f"output.dir={out}")
-    assert summary.images == 6
-    return shards, out
 
 
 def same_size_other_image(original: bytes) -> bytes:
