@@ -16,7 +16,7 @@ from typing import Any, List, Optional
 from hydra.core.config_store import ConfigStore
 
 from gradcam_batch import UserError
-from gradcam_batch.methods import METHODS
+from gradcam_batch.methods import ALL_METHODS
 
 DATA_FORMATS = ("demo", "imagefolder", "webdataset", "parquet")
 DECODE_MODES = ("auto", "workers", "device", "mixed")
@@ -323,7 +323,9 @@ class ModelConfig:
 @dataclass
 class CamConfig:
     method: str = "gradcam"
-    """CAM formula: gradcam, gradcampp, xgradcam, hirescam, layercam or elementwise."""
+    """CAM formula: gradcam, gradcampp, xgradcam, hirescam, layercam, elementwise (the Triton
+    kernel's), or eigencam, eigengradcam, kpcacam, fem (PyTorch on any device; eigencam, kpcacam
+    and fem are gradient-free: no backward, the K targets of an image share one map)."""
     targets: str = "pred"
     """Which classes get a map: pred (top-1), topk, label (the sample's label), classes (a list)."""
     topk: int = 5
@@ -340,7 +342,7 @@ class CamConfig:
     layer is e.g. `mean(layer3,layer4)`. null: the per-layer maps only."""
 
     def __post_init__(self) -> None:
-        _choice("cam.method", self.method, METHODS)
+        _choice("cam.method", self.method, ALL_METHODS)
         _choice("cam.targets", self.targets, TARGET_MODES)
         _choice("cam.backend", self.backend, BACKENDS)
         if self.fuse is not None:

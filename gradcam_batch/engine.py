@@ -17,7 +17,7 @@ from torch import nn
 from gradcam_batch import UserError
 from gradcam_batch.config import CamConfig
 from gradcam_batch.layers import MapView, TargetLayer
-from gradcam_batch.methods import compute_cam, normalize_maps
+from gradcam_batch.methods import EXTRA_METHODS, GRADIENT_FREE, compute_cam, normalize_maps
 from gradcam_batch.statistics import map_statistics
 
 log = logging.getLogger("gradcam_batch")
@@ -196,7 +196,14 @@ class CamEngine:
         self.cfg = cfg
         self.device = device
         self.amp_dtype = amp_dtype
-        self.backend = self._pick_backend(cfg.backend, device)
+        if cfg.method in EXTRA_METHODS and cfg.backend == "triton":
+            raise UserError(f"cam.method={cfg.method} has no Triton kernel (only the channel-weighted methods "
+                            "do); use cam.backend=auto or torch")
+        # eigencam, eigengradcam, kpcacam, fem: methods.py on any device
+        self.backend = "torch" if cfg.method in EXTRA_METHODS else self._pick_backend(cfg.backend, device)
+        # eigencam, kpcacam and fem read the activations only: no graph, no backward, the K targets
+        # of an image share its one map
+        self.needs_gradients = cfg.method not in GRADIENT_FREE
         self._batched_backward_ok = True
         self._oom_logged = False
         # made once: a per-batch torch.tensor would be a host-to-device copy in the hot loop
@@ -271,9 +278,13 @@ class CamEngine:
                             "logits; pick a layer on the path from the input to the logits")
         return grad
 
-    def _cams(self, activation: torch.Tensor, gradients: torch.Tensor) -> torch.Tensor:
+    def _cams(self, activation: torch.Tensor, gradients: torch.Tensor | None, num_targets: int) -> torch.Tensor:
         """The ReLU'd maps before normalization: the raw maximum is a statistic of its own, and
-        normalizing (B, K, h, w) maps afterwards costs a read of the maps, not of A and G."""
+        normalizing (B, K, h, w) maps afterwards costs a read of the maps, not of A and G.
+        gradients None (a gradient-free method): one map per image, repeated for the K targets."""
+        if gradients is None:
+            cams = compute_cam(activation, None, self.cfg.method, normalize=False)
+            return cams.expand(-1, num_targets, -1, -1).contiguous()
         if self.backend == "triton":
             from gradcam_batch.kernels import fused_cam
 
@@ -282,8 +293,8 @@ class CamEngine:
 
     def __call__(self, images: torch.Tensor, labels: torch.Tensor) -> CamResult:
         """images: normalized float (B, 3, H, W) on the device; labels int64 (B,) (-1 unknown)."""
-        with ActivationCapture([layer.module for layer in self.layers]) as capture, torch.enable_grad(), \
-                self.autocast():
+        grad_mode = torch.enable_grad() if self.needs_gradients else torch.no_grad()
+        with ActivationCapture([layer.module for layer in self.layers]) as capture, grad_mode, self.autocast():
             logits = self.model(images)
         for layer, output in zip(self.layers, capture.outputs):
             if output is None:
@@ -295,10 +306,13 @@ class CamEngine:
         logits = logits.float()  # scores and probabilities in fp32 whatever the autocast dtype
         with torch.no_grad():
             targets = select_targets(logits, labels, self.cfg, self._classes)
-        gradients = self._gradients(logits, capture.outputs, targets)
+        gradients = (self._gradients(logits, capture.outputs, targets) if self.needs_gradients
+                     else [None] * len(self.layers))
         with torch.no_grad():
             normalize = self.cfg.normalize
-            maps = [LayerMaps.of(layer.name, self._cams(layer.view(output.detach()), layer.view(grads)), normalize)
+            maps = [LayerMaps.of(layer.name, self._cams(layer.view(output.detach()),
+                                                        None if grads is None else layer.view(grads),
+                                                        targets.shape[1]), normalize)
                     for layer, output, grads in zip(self.layers, capture.outputs, gradients)]
             if self.cfg.fuse is not None:
                 name = f"{self.cfg.fuse}({','.join(layer.name for layer in self.layers)})"
