@@ -10,7 +10,8 @@ def test_help_describes_the_project_and_hides_schema_entries():
     assert "gradcam-batch: Grad-CAM over whole image datasets" in result.stdout
     assert "powered by Hydra" not in result.stdout
     groups = result.stdout.split("== Option groups (group=option) ==")[1].split("==")[0]
-    assert "data: demo, imagefolder, parquet, webdataset" in groups
+    assert "data: demo, demo_shortcut, imagefolder, parquet, webdataset" in groups
+    assert "model: checkpoint, demo, demo_shortcut, huggingface, timm, torchvision" in groups
     assert "schema" not in groups
 
 
