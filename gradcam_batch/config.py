@@ -25,6 +25,7 @@ DEMO_MODEL_NAMES = (None, "shortcut")  # model=demo's model.name: the demo CNN, 
 FUSE_MODES = ("mean", "max")
 TARGET_MODES = ("pred", "topk", "label", "classes")
 BACKENDS = ("auto", "torch", "triton")
+ANALYTIC_MODES = ("auto", "on", "off")
 DEVICES = ("auto", "cpu", "cuda")
 INTERPOLATIONS = ("bilinear", "bicubic")
 AMP_MODES = ("auto", "bf16", "fp16", "off")
@@ -323,9 +324,11 @@ class ModelConfig:
 @dataclass
 class CamConfig:
     method: str = "gradcam"
-    """CAM formula: gradcam, gradcampp, xgradcam, hirescam, layercam, elementwise (the Triton
-    kernel's), or eigencam, eigengradcam, kpcacam, fem (PyTorch on any device; eigencam, kpcacam
-    and fem are gradient-free: no backward, the K targets of an image share one map)."""
+    """CAM formula: gradcam, gradcampp, xgradcam, hirescam, layercam, elementwise, finercam,
+    shapleycam (the Triton kernel's), eigencam, eigengradcam, kpcacam, fem (PyTorch on any device;
+    eigencam, kpcacam and fem are gradient-free: no backward, the K targets of an image share one
+    map), cam (Zhou et al.: the final linear layer's weights; needs a pooling-then-linear head),
+    scorecam, ablationcam (channel weights measured with extra forwards, see perturbation_batch)."""
     targets: str = "pred"
     """Which classes get a map: pred (top-1), topk, label (the sample's label), classes (a list)."""
     topk: int = 5
@@ -336,6 +339,21 @@ class CamConfig:
     """Per-map min-max to [0, 1] after ReLU; false keeps raw values."""
     backend: str = "auto"
     """auto (Triton kernel on CUDA, PyTorch elsewhere), torch, or triton."""
+    analytic: str = "auto"
+    """Where the head after the target layer is global average pooling then one linear layer
+    (ResNet, RegNet, EfficientNet), the gradients are that layer's weights / HW: auto takes them
+    without a backward where the model's graph proves such a head (logged), on refuses to run
+    without one, off always runs the backward."""
+    finer_alpha: float = 1.0
+    """finercam: how strongly the similar classes' logits are subtracted (pytorch-grad-cam's alpha)."""
+    finer_comparison_categories: List[int] = field(default_factory=lambda: [1, 2, 3])
+    """finercam: the classes compared with, by rank of logit nearness to the target (1 = nearest)."""
+    channels: str = "all"
+    """scorecam, ablationcam: all, or top:N to measure only the N channels of largest mean
+    activation per image (the others get weight 0): N forwards per image instead of C."""
+    perturbation_batch: int = 0
+    """scorecam, ablationcam: perturbed inputs per forward; 0 sizes it to memory (1024 on CUDA,
+    halved on out-of-memory; 64 on CPU)."""
     fuse: Optional[str] = None
     """With several target layers: mean or max also writes each target's maps fused into one
     (each layer's map upsampled to the largest grid, combined, normalized again), in rows whose
@@ -345,6 +363,18 @@ class CamConfig:
         _choice("cam.method", self.method, ALL_METHODS)
         _choice("cam.targets", self.targets, TARGET_MODES)
         _choice("cam.backend", self.backend, BACKENDS)
+        _choice("cam.analytic", self.analytic, ANALYTIC_MODES)
+        if not isinstance(self.finer_alpha, (int, float)) or isinstance(self.finer_alpha, bool) \
+                or not math.isfinite(self.finer_alpha):
+            raise UserError(f"cam.finer_alpha={self.finer_alpha!r} is not valid; use a finite number")
+        if not self.finer_comparison_categories:
+            raise UserError("cam.finer_comparison_categories is empty; list ranks like [1,2,3]")
+        for rank in self.finer_comparison_categories:
+            _within("cam.finer_comparison_categories[...]", rank, 1, MAX_CLASS_INDEX, "a rank of nearness")
+        _within("cam.perturbation_batch", self.perturbation_batch, 0, 1 << 16, "perturbed inputs per forward (0: auto)")
+        from gradcam_batch.perturbation import parse_channels
+
+        parse_channels(self.channels)
         if self.fuse is not None:
             _choice("cam.fuse", self.fuse, FUSE_MODES)
         if self.targets == "topk":

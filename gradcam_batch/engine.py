@@ -17,7 +17,9 @@ from torch import nn
 from gradcam_batch import UserError
 from gradcam_batch.config import CamConfig
 from gradcam_batch.layers import MapView, TargetLayer
-from gradcam_batch.methods import EXTRA_METHODS, GRADIENT_FREE, compute_cam, normalize_maps
+from gradcam_batch.methods import (EXTRA_METHODS, GRADIENT_FREE, PERTURBATION_METHODS, compute_cam, formula_of,
+                                   normalize_maps)
+from gradcam_batch.scores import grad_outputs
 from gradcam_batch.statistics import map_statistics
 
 log = logging.getLogger("gradcam_batch")
@@ -187,7 +189,8 @@ class CamEngine:
         TargetLayers (layers.resolve_target_layers), each giving its own maps."""
         self.model = model
         if isinstance(target_layer, nn.Module):
-            target_layer = TargetLayer("", target_layer, MapView("nchw"))
+            name = next((name for name, module in model.named_modules() if module is target_layer), "")
+            target_layer = TargetLayer(name, target_layer, MapView("nchw"))
         self.layers: list[TargetLayer] = (list(target_layer) if isinstance(target_layer, (list, tuple))
                                           else [target_layer])
         if cfg.fuse is not None and len(self.layers) < 2:
@@ -196,20 +199,107 @@ class CamEngine:
         self.cfg = cfg
         self.device = device
         self.amp_dtype = amp_dtype
-        if cfg.method in EXTRA_METHODS and cfg.backend == "triton":
+        # eigencam, eigengradcam, kpcacam, fem: methods.py on any device; cam, scorecam and
+        # ablationcam know their channel weights, a matrix product away from the maps
+        weighted = cfg.method in ("cam", *PERTURBATION_METHODS)
+        if (cfg.method in EXTRA_METHODS or weighted) and cfg.backend == "triton":
             raise UserError(f"cam.method={cfg.method} has no Triton kernel (only the channel-weighted methods "
                             "do); use cam.backend=auto or torch")
-        # eigencam, eigengradcam, kpcacam, fem: methods.py on any device
-        self.backend = "torch" if cfg.method in EXTRA_METHODS else self._pick_backend(cfg.backend, device)
         # eigencam, kpcacam and fem read the activations only: no graph, no backward, the K targets
         # of an image share its one map
         self.needs_gradients = cfg.method not in GRADIENT_FREE
+        self.head = self._analytic_head(model, cfg) if self.needs_gradients else None
+        self.perturber = None
+        if cfg.method in PERTURBATION_METHODS:
+            if len(self.layers) != 1:
+                raise UserError(f"cam.method={cfg.method} measures one layer's channels; give one model.target_layer")
+            from gradcam_batch.perturbation import Perturber
+
+            self.perturber = Perturber(model, self.layers[0], cfg.method, cfg.channels, cfg.perturbation_batch,
+                                       device, self.autocast)
+        # analytic gradients are constant over the positions: the PyTorch formula reads them as a
+        # view; cam.backend=triton still gets the kernel, on a materialized copy
+        self.backend = ("torch" if cfg.method in EXTRA_METHODS or weighted
+                        or (self.head is not None and cfg.backend != "triton")
+                        else self._pick_backend(cfg.backend, device))
         self._batched_backward_ok = True
         self._oom_logged = False
         # made once: a per-batch torch.tensor would be a host-to-device copy in the hot loop
         self._classes = torch.tensor(cfg.classes, device=device) if cfg.targets == "classes" else None
         if num_classes is not None:
             self.check_targets(num_classes)
+
+    def _analytic_head(self, model: nn.Module, cfg: CamConfig):
+        """The final linear layer's weights where the head is provably pooling then that layer
+        (head.linear_head) and cam.analytic allows using them; None: run the backward."""
+        wanted = cfg.method == "cam" or cfg.analytic != "off"
+        if not wanted or cfg.method in PERTURBATION_METHODS:
+            return None
+        layer = self.layers[0]
+        if len(self.layers) != 1:
+            reason = "several target layers"
+        elif layer.view.layout != "nchw":
+            reason = f"the layer's output is read as {layer.view.describe()}"
+        else:
+            from gradcam_batch.head import linear_head, split_at
+
+            split = split_at(model, layer.name)
+            found = split if isinstance(split, str) else linear_head(split)
+            reason = found if isinstance(found, str) else None
+        if reason is None:
+            log.info("cam.analytic: the gradients are %s's weights / HW (the head is %s), no backward",
+                     found.description.rsplit(" -> ", 1)[-1], found.description)
+            return found
+        if cfg.method == "cam":
+            raise UserError(f"cam.method=cam needs a head of global average pooling then one linear layer "
+                            f"after the target layer: {reason}")
+        if cfg.analytic == "on":
+            raise UserError(f"cam.analytic=on: no analytic gradients: {reason}; use cam.analytic=auto")
+        log.info("cam.analytic=auto: running the backward (%s)", reason)
+        return None
+
+    def _prepared_gradients(self, images: torch.Tensor, logits: torch.Tensor, outputs: list[torch.Tensor],
+                            targets: torch.Tensor) -> list[torch.Tensor | None]:
+        """Per layer, the (B, K, ...) gradients the method's formula reads (methods.py)."""
+        cfg = self.cfg
+        if not self.needs_gradients:
+            return [None] * len(self.layers)
+        if self.perturber is not None:
+            weights = self.perturber.weights(images, outputs[0].detach(), targets, logits)
+            return [self._broadcast(weights, self.layers[0].view(outputs[0]))]
+        go = grad_outputs(logits, targets, cfg.method, cfg.finer_alpha, list(cfg.finer_comparison_categories))
+        if self.head is not None:
+            # d score / d A[c, s] = sum_n go[n] W[n, c] / HW at every position s
+            weight = self.head.weight.detach().to(torch.float32)
+            spatial = outputs[0].shape[-2] * outputs[0].shape[-1]
+            weights = torch.einsum("kbn,nc->bkc", go.float(), weight)
+            return [self._broadcast(weights if cfg.method == "cam" else weights / spatial, outputs[0])]
+        grads = (self._shapley_gradients if cfg.method == "shapleycam" else self._gradients)(logits, outputs, go)
+        return [layer.view(grad) for layer, grad in zip(self.layers, grads)]
+
+    @staticmethod
+    def _broadcast(weights: torch.Tensor, maps: torch.Tensor) -> torch.Tensor:
+        """(B, K, C) channel weights as (B, K, C, h, w) gradients constant over the positions of
+        the layer's (B, C, h, w) maps (a view)."""
+        return weights[..., None, None].expand(*weights.shape, *maps.shape[-2:])
+
+    def _shapley_gradients(self, logits: torch.Tensor, outputs: list[torch.Tensor],
+                           go: torch.Tensor) -> list[torch.Tensor]:
+        """ShapleyCAM's G - H A / 2 per layer and target: the gradient with its graph kept, then a
+        Hessian-vector product with the activations through the head only."""
+        per_target = []
+        for k in range(go.shape[0]):
+            grads = torch.autograd.grad(logits, outputs, grad_outputs=go[k], create_graph=True, allow_unused=True)
+            corrected = []
+            for index, (grad, output) in enumerate(zip(grads, outputs)):
+                grad = self._used(grad, index)
+                hvp = None
+                if grad.requires_grad:
+                    (hvp,) = torch.autograd.grad(grad, output, grad_outputs=output.detach(), retain_graph=True,
+                                                 allow_unused=True)
+                corrected.append(grad.detach() if hvp is None else grad.detach() - 0.5 * hvp)
+            per_target.append(corrected)
+        return [torch.stack([grads[index] for grads in per_target], dim=1) for index in range(len(outputs))]
 
     @staticmethod
     def _pick_backend(requested: str, device: torch.device) -> str:
@@ -238,21 +328,29 @@ class CamEngine:
                 raise UserError(f"cam.classes={bad} out of range: the model has {num_classes} classes "
                                 f"(0..{num_classes - 1})")
 
+    def _attention(self):
+        """shapleycam differentiates twice: the fused attention kernels have no second
+        derivative, PyTorch's reference attention has."""
+        if self.cfg.method != "shapleycam":
+            return contextlib.nullcontext()
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        return sdpa_kernel([SDPBackend.MATH])
+
     def autocast(self):
         if self.amp_dtype is None:
             return contextlib.nullcontext()
         return torch.autocast(device_type=self.device.type, dtype=self.amp_dtype)
 
     def _gradients(self, logits: torch.Tensor, activations: list[torch.Tensor],
-                   targets: torch.Tensor) -> list[torch.Tensor]:
-        """d(logit of each target) / d(each activation), (B, K, ...), in one batched backward.
+                   one_hot: torch.Tensor) -> list[torch.Tensor]:
+        """d(score of each target) / d(each activation), (B, K, ...), in one batched backward;
+        one_hot (K, B, classes): d score / d logits (scores.grad_outputs).
 
         Scores of different images are summed inside one backward: each image's logits depend
         on that image alone (eval mode), so the sum separates exactly.
         """
-        num_targets = targets.shape[1]
-        one_hot = torch.zeros((num_targets, *logits.shape), dtype=logits.dtype, device=logits.device)
-        one_hot.scatter_(2, targets.t().unsqueeze(2), 1.0)
+        num_targets = one_hot.shape[0]
         if num_targets == 1:
             grads = torch.autograd.grad(logits, activations, grad_outputs=one_hot[0], allow_unused=True)
             return [self._used(grad, index).unsqueeze(1) for index, grad in enumerate(grads)]
@@ -288,13 +386,17 @@ class CamEngine:
         if self.backend == "triton":
             from gradcam_batch.kernels import fused_cam
 
-            return fused_cam(activation, gradients, self.cfg.method, normalize=False)
+            if 0 in gradients.stride():
+                gradients = gradients.contiguous()
+            return fused_cam(activation, gradients, formula_of(self.cfg.method), normalize=False)
         return compute_cam(activation, gradients, self.cfg.method, normalize=False)
 
     def __call__(self, images: torch.Tensor, labels: torch.Tensor) -> CamResult:
         """images: normalized float (B, 3, H, W) on the device; labels int64 (B,) (-1 unknown)."""
-        grad_mode = torch.enable_grad() if self.needs_gradients else torch.no_grad()
-        with ActivationCapture([layer.module for layer in self.layers]) as capture, grad_mode, self.autocast():
+        graph = self.needs_gradients and self.head is None and self.perturber is None
+        grad_mode = torch.enable_grad() if graph else torch.no_grad()
+        with ActivationCapture([layer.module for layer in self.layers]) as capture, grad_mode, self.autocast(), \
+                self._attention():
             logits = self.model(images)
         for layer, output in zip(self.layers, capture.outputs):
             if output is None:
@@ -306,12 +408,11 @@ class CamEngine:
         logits = logits.float()  # scores and probabilities in fp32 whatever the autocast dtype
         with torch.no_grad():
             targets = select_targets(logits, labels, self.cfg, self._classes)
-        gradients = (self._gradients(logits, capture.outputs, targets) if self.needs_gradients
-                     else [None] * len(self.layers))
+        gradients = self._prepared_gradients(images, logits, capture.outputs, targets)
         with torch.no_grad():
             normalize = self.cfg.normalize
             maps = [LayerMaps.of(layer.name, self._cams(layer.view(output.detach()),
-                                                        None if grads is None else layer.view(grads),
+                                                        grads,
                                                         targets.shape[1]), normalize)
                     for layer, output, grads in zip(self.layers, capture.outputs, gradients)]
             if self.cfg.fuse is not None:

@@ -33,6 +33,21 @@ image's maps, positions by channels, centred per channel (X - mean_s X):
     fem           w = mean_s [A > mean_s A + 2 std_s A] (std with 1/HW)   cam = sum_c w * A;
                   gradient-free (Feature Explanation Method, pytorch-grad-cam's FEM, k = 2)
 
+Four more take the Grad-CAM formula (w = mean_s G, cam = sum_c w * A) on gradients the engine
+prepares differently, so the Triton kernel runs them as gradcam:
+
+    finercam      G = d S / d A with Finer-CAM's score S = sum_j p_j (z_t - alpha z_j) / (sum_j p_j + 1e-9)
+                  over the classes j whose logits z_j lie nearest the target's z_t (p = softmax(z)),
+                  as pytorch-grad-cam's FinerCAM with FinerWeightedTarget
+    shapleycam    G - H A / 2, H the Hessian of the target's logit with respect to A (a Hessian-vector
+                  product through the head only), pytorch-grad-cam's ShapleyCAM
+    cam           Zhou et al.'s CAM: w = the target's row of the final linear layer when the head
+                  after the layer is global average pooling then that layer; the engine passes
+                  G = w broadcast over the positions. The exact gradient of such a head is w / HW,
+                  so CAM's raw maps are HW times Grad-CAM's and equal after normalization
+    scorecam, ablationcam  perturbation methods: the engine measures the channel weights w with
+                  extra forwards (perturbation.py) and passes G = w broadcast over the positions
+
 The sign of a singular vector is arbitrary; ours is fixed so that the map correlates positively
 with the decomposed matrix's mean over channels (A for eigencam and kpcacam, G * A for
 eigengradcam).
@@ -47,9 +62,17 @@ METHODS = ("gradcam", "gradcampp", "xgradcam", "hirescam", "layercam", "elementw
 # PyTorch only (this module, on any device)
 EIGEN_METHODS = ("eigencam", "eigengradcam", "kpcacam")
 EXTRA_METHODS = EIGEN_METHODS + ("fem",)
+# the Grad-CAM formula on gradients the engine prepares (see the module docstring)
+PERTURBATION_METHODS = ("scorecam", "ablationcam")
+PREPARED_METHODS = ("finercam", "shapleycam", "cam") + PERTURBATION_METHODS
 # the maps do not depend on the target: the engine runs no backward, K targets share one map
 GRADIENT_FREE = ("eigencam", "kpcacam", "fem")
-ALL_METHODS = METHODS + EXTRA_METHODS
+ALL_METHODS = METHODS + EXTRA_METHODS + PREPARED_METHODS
+
+
+def formula_of(method: str) -> str:
+    """The channel-weighted formula that computes `method`'s maps from its (prepared) gradients."""
+    return "gradcam" if method in PREPARED_METHODS else method
 FEM_SIGMAS = 2  # pytorch-grad-cam's FEM default k
 
 # Epsilons are part of the published formulas; the kernel uses the same constants.
@@ -86,6 +109,7 @@ def check_cam_inputs(activations: torch.Tensor, gradients: torch.Tensor | None, 
 def channel_weighted_maps(activations: torch.Tensor, gradients: torch.Tensor | None, method: str) -> torch.Tensor:
     """The raw map sum over channels, before ReLU: (B, K, H, W) in the inputs' dtype."""
     gradients = check_cam_inputs(activations, gradients, method)
+    method = formula_of(method)
     if method in EXTRA_METHODS:
         return extra_method_maps(activations, gradients, method)
     A = activations.unsqueeze(1)  # (B, 1, C, H, W), shared by the K targets
