@@ -45,8 +45,22 @@ _IDENTITY_KEYS = {
 }
 
 
+# Keys that change the rows only away from their default: part of the identity then, so folders
+# written before they existed keep their hash (cam.analytic changes how, not what: not listed).
+_IDENTITY_UNLESS_DEFAULT = {
+    "cam": {"finer_alpha": 1.0, "finer_comparison_categories": [1, 2, 3], "channels": "all"},
+}
+
+
 def config_identity(resolved: dict) -> dict:
-    return {group: {key: resolved.get(group, {}).get(key) for key in keys} for group, keys in _IDENTITY_KEYS.items()}
+    identity = {group: {key: resolved.get(group, {}).get(key) for key in keys}
+                for group, keys in _IDENTITY_KEYS.items()}
+    for group, defaults in _IDENTITY_UNLESS_DEFAULT.items():
+        for key, default in defaults.items():
+            value = resolved.get(group, {}).get(key, default)
+            if value != default:
+                identity[group][key] = value
+    return identity
 
 
 def config_hash(resolved: dict) -> str:
