@@ -14,7 +14,7 @@ from gradcam_batch.config import CamConfig, DataConfig, ModelConfig, OutputConfi
     (lambda: DataConfig(format="parquet"), "needs data.shards"),
     (lambda: ModelConfig(source="torchvision"), "needs model.name"),
     (lambda: ModelConfig(source="checkpoint"), "needs model.weights"),
-    (lambda: CamConfig(method="scorecam"), "cam.method='scorecam'"),
+    (lambda: CamConfig(method="randomcam"), "cam.method='randomcam'"),
     (lambda: CamConfig(targets="topk", topk=0), "cam.topk=0"),
     (lambda: CamConfig(targets="classes"), "needs cam.classes"),
     (lambda: CamConfig(targets="classes", classes=[-1]), "cam.classes"),
