@@ -199,6 +199,8 @@ class CamEngine:
         self.cfg = cfg
         self.device = device
         self.amp_dtype = amp_dtype
+        if num_classes is not None:  # before anything is logged about the method
+            self.check_targets(num_classes)
         # eigencam, eigengradcam, kpcacam, fem: methods.py on any device; cam, scorecam and
         # ablationcam know their channel weights, a matrix product away from the maps
         weighted = cfg.method in ("cam", *PERTURBATION_METHODS)
@@ -226,8 +228,6 @@ class CamEngine:
         self._oom_logged = False
         # made once: a per-batch torch.tensor would be a host-to-device copy in the hot loop
         self._classes = torch.tensor(cfg.classes, device=device) if cfg.targets == "classes" else None
-        if num_classes is not None:
-            self.check_targets(num_classes)
 
     def _analytic_head(self, model: nn.Module, cfg: CamConfig):
         """The final linear layer's weights where the head is provably pooling then that layer

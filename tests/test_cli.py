@@ -102,7 +102,7 @@ def test_each_method_against_float64_formula(tmp_path, method):
     (["data.batch_size=0"], "data.batch_size=0"),
     (["cam.targets=topk", "cam.topk=9"], "cam.topk=9 is larger than the model's 4 classes"),
     (["cam.targets=classes", "cam.classes=[1,4]"], "cam.classes=[4] out of range"),
-    (["cam.method=scorecam"], "cam.method='scorecam' is not valid"),
+    (["cam.method=randomcam"], "cam.method='randomcam' is not valid"),
     (["model=checkpoint", "model.weights=/no/model.pt"], "file not found"),
 ])
 def test_user_errors_are_one_line_exit_2_nothing_written(tmp_path, overrides, message):

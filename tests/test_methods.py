@@ -77,5 +77,5 @@ def test_shape_errors(bad, message):
 
 
 def test_unknown_method():
-    with pytest.raises(ValueError, match="unknown CAM method 'scorecam'"):
-        compute_cam(torch.zeros(1, 1, 2, 2), torch.zeros(1, 1, 2, 2), "scorecam")
+    with pytest.raises(ValueError, match="unknown CAM method 'randomcam'"):
+        compute_cam(torch.zeros(1, 1, 2, 2), torch.zeros(1, 1, 2, 2), "randomcam")
