@@ -1,7 +1,7 @@
 """What a row carries beyond its map, computed on the device in the map's batch: localization
 metrics against the sample's boxes, the map at another size (output.cam_size), the heatmap
-blended over the crop (output.heatmap_png; PNG-encoded later in the writer thread) and the
-faithfulness scores (metrics.faithfulness). One `RowExtras` per layer's maps, copied to the host
+blended over the crop (output.heatmap_png; PNG-encoded later in the writer thread), the
+faithfulness scores (metrics.faithfulness) and ROAD's (metrics.road). One `RowExtras` per layer's maps, copied to the host
 with the batch's results.
 """
 
@@ -36,6 +36,9 @@ class RowExtras:
     confidence_change: torch.Tensor | None = None  # float32 (B, K)
     drop_in_confidence: torch.Tensor | None = None  # float32 (B, K)
     increase_in_confidence: torch.Tensor | None = None  # bool (B, K)
+    road_morf: torch.Tensor | None = None  # float32 (B, K, P)
+    road_lerf: torch.Tensor | None = None  # float32 (B, K, P)
+    road_combined: torch.Tensor | None = None  # float32 (B, K)
 
     def to_host(self) -> "RowExtras":
         """Non-blocking copies; the caller synchronises once for the whole batch."""
@@ -104,6 +107,14 @@ def row_extras(cfg: Config, result: CamResult, images: torch.Tensor, boxes: torc
             extra.confidence_change = scores.confidence_change
             extra.drop_in_confidence = scores.drop_in_confidence
             extra.increase_in_confidence = scores.increase_in_confidence
+        if cfg.metrics.road:
+            from gradcam_batch.road import road
+
+            generator = torch.Generator(images.device).manual_seed(0)
+            scores = road(engine.model, images, maps.cams, result.target_classes, cfg.metrics.road_percentiles,
+                          noise=cfg.metrics.road_noise, generator=generator, autocast=engine.autocast,
+                          base_confidence=result.probs)
+            extra.road_morf, extra.road_lerf, extra.road_combined = scores.morf, scores.lerf, scores.combined
         extras.append(extra)
     return extras
 

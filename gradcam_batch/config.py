@@ -442,6 +442,17 @@ class MetricsConfig:
     CamMultImageConfidenceChange). Costs (2 * len(fractions) + 1) extra forwards per target."""
     fractions: List[float] = field(default_factory=lambda: [0.1, 0.25, 0.5])
     """Fractions of the image (by map rank) kept or removed by the faithfulness metrics."""
+    road: bool = False
+    """Also score each row with ROAD (remove and debias, pytorch-grad-cam's ROADMostRelevantFirst /
+    ROADLeastRelevantFirst): the target's probability after the pixels at or above each
+    percentile of the map (road_morf) or of 1 - map (road_lerf) are replaced by noisy linear
+    imputation, minus before; road_combined = (mean lerf - mean morf) / 2. Costs
+    2 * len(road_percentiles) extra forwards per target, plus the imputation."""
+    road_percentiles: List[float] = field(default_factory=lambda: [20.0, 40.0, 60.0, 80.0])
+    """Percentiles (0, 100) of the map at which ROAD removes pixels."""
+    road_noise: float = 0.01
+    """The imputer's noise (pytorch-grad-cam's 0.01; 0: the exact imputation), drawn from a
+    generator seeded 0 at every batch, so a rerun gives the same scores."""
 
     def __post_init__(self) -> None:
         if not isinstance(self.threshold, (int, float)) or not 0.0 <= self.threshold <= 1.0:
@@ -449,6 +460,14 @@ class MetricsConfig:
         if not self.fractions or not all(isinstance(p, (int, float)) and 0.0 < p <= 1.0 for p in self.fractions):
             raise UserError(f"metrics.fractions={list(self.fractions)!r} is not valid; list fractions in (0, 1]")
         self.fractions = [float(p) for p in self.fractions]
+        if not self.road_percentiles or not all(isinstance(p, (int, float)) and not isinstance(p, bool)
+                                                and 0.0 < p < 100.0 for p in self.road_percentiles):
+            raise UserError(f"metrics.road_percentiles={list(self.road_percentiles)!r} is not valid; "
+                            "list percentiles strictly between 0 and 100")
+        self.road_percentiles = [float(p) for p in self.road_percentiles]
+        if not isinstance(self.road_noise, (int, float)) or isinstance(self.road_noise, bool) \
+                or not 0.0 <= self.road_noise <= 1.0:
+            raise UserError(f"metrics.road_noise={self.road_noise!r} is not valid; use a number from 0 to 1")
 
 
 @dataclass

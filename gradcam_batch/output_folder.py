@@ -49,6 +49,7 @@ _IDENTITY_KEYS = {
 # written before they existed keep their hash (cam.analytic changes how, not what: not listed).
 _IDENTITY_UNLESS_DEFAULT = {
     "cam": {"finer_alpha": 1.0, "finer_comparison_categories": [1, 2, 3], "channels": "all"},
+    "metrics": {"road": False, "road_percentiles": [20.0, 40.0, 60.0, 80.0], "road_noise": 0.01},
 }
 
 

@@ -151,11 +151,14 @@ CAM_SCHEMA = pa.schema([
     ("confidence_change", pa.float32()),
     ("drop_in_confidence", pa.float32()),
     ("increase_in_confidence", pa.bool_()),
+    ("road_morf", pa.list_(pa.float32())),
+    ("road_lerf", pa.list_(pa.float32())),
+    ("road_combined", pa.float32()),
     # the first 16 hex digits of the SHA-256 of the sample's encoded image as read (data.loader.image_digest),
     # on every row of the sample; the report checks an image read back against it
     ("image_digest", pa.string()),
 ])
-# Columns a row may leave null: what was not asked for (cam_resized, heatmap_png, faithfulness),
+# Columns a row may leave null: what was not asked for (cam_resized, heatmap_png, faithfulness, ROAD),
 # what the sample has no data for (box metrics without boxes, or of an all-zero map), what is
 # undefined (statistics of an all-zero map, cam_max_raw of fused maps) or what the producer did not give.
 STATISTIC_COLUMNS = ("cam_max_raw", "com_y", "com_x", "entropy", "center_mass", "border_mass")
@@ -289,6 +292,9 @@ def _extra_columns(out: ShardOutput, extras: dict, rows: int, num_targets: int) 
         per_row("confidence_change", np.float32, pa.float32()),
         per_row("drop_in_confidence", np.float32, pa.float32()),
         per_row("increase_in_confidence", np.bool_, pa.bool_()),
+        _list_column(extras.get("road_morf"), rows, pa.float32()),
+        _list_column(extras.get("road_lerf"), rows, pa.float32()),
+        per_row("road_combined", np.float32, pa.float32()),
     ]
 
 
