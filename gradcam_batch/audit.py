@@ -24,6 +24,7 @@ BOX_CHUNK = 64
 @dataclass
 class RowExtras:
     map_empty: torch.Tensor | None = None  # bool (B, K): the map is all zero (no box metrics, counted in the summary)
+    map_kept: torch.Tensor | None = None  # bool (B, K), cam.targets=all: the map is stored (cam.keep_maps); None: all are
     box_known: torch.Tensor | None = None  # bool (B,): the sample has boxes with area in the crop
     box_outside_crop: torch.Tensor | None = None  # bool (B,): it had boxes, all outside the crop
     pointing_hit: torch.Tensor | None = None  # bool (B, K)
@@ -83,9 +84,15 @@ def row_extras(cfg: Config, result: CamResult, images: torch.Tensor, boxes: torc
     has_boxes = bool((~torch.isnan(boxes)).all(dim=-1).any())
     boxes = boxes.to(images.device, non_blocking=True) if has_boxes else None
     extras = []
+    every_class = cfg.cam.targets == "all"
+    if every_class:
+        keep = torch.tensor(list(cfg.cam.keep_maps), dtype=torch.long, device=result.target_classes.device)
+        kept = torch.isin(result.target_classes, keep)
     for maps in result.layers:
         extra = RowExtras(map_empty=empty_maps(maps.cams))
-        if boxes is not None:
+        if every_class:
+            extra.map_kept = kept
+        if boxes is not None and not every_class:  # box metrics: of the ranked maps, not of every class's
             parts = [box_metrics(maps.cams[start:start + BOX_CHUNK], maps.peak[start:start + BOX_CHUNK],
                                  boxes[start:start + BOX_CHUNK], crop, cfg.metrics.threshold)
                      for start in range(0, maps.cams.shape[0], BOX_CHUNK)]

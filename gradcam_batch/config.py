@@ -23,7 +23,8 @@ DECODE_MODES = ("auto", "workers", "device", "mixed")
 MODEL_SOURCES = ("demo", "torchvision", "timm", "huggingface", "checkpoint")
 DEMO_MODEL_NAMES = (None, "shortcut")  # model=demo's model.name: the demo CNN, the planted-shortcut one
 FUSE_MODES = ("mean", "max")
-TARGET_MODES = ("pred", "topk", "label", "classes")
+TARGET_MODES = ("pred", "topk", "label", "classes", "all")
+ALL_TARGETS_METHODS = ("gradcam", "hirescam", "cam")
 BACKENDS = ("auto", "torch", "triton")
 ANALYTIC_MODES = ("auto", "on", "off")
 DEVICES = ("auto", "cpu", "cuda")
@@ -330,11 +331,16 @@ class CamConfig:
     map), cam (Zhou et al.: the final linear layer's weights; needs a pooling-then-linear head),
     scorecam, ablationcam (channel weights measured with extra forwards, see perturbation_batch)."""
     targets: str = "pred"
-    """Which classes get a map: pred (top-1), topk, label (the sample's label), classes (a list)."""
+    """Which classes get a map: pred (top-1), topk, label (the sample's label), classes (a list),
+    all (every class, ranked by logit: one matrix product with the final linear layer's weights;
+    statistics for every (image, class), maps only for cam.keep_maps)."""
     topk: int = 5
     """Maps per image with targets=topk."""
     classes: List[int] = field(default_factory=list)
     """Class indices with targets=classes."""
+    keep_maps: List[int] = field(default_factory=list)
+    """With targets=all: the classes whose maps are stored in `cam`; the other rows hold the
+    statistics with a null `cam`."""
     normalize: bool = True
     """Per-map min-max to [0, 1] after ReLU; false keeps raw values."""
     backend: str = "auto"
@@ -379,6 +385,18 @@ class CamConfig:
             _choice("cam.fuse", self.fuse, FUSE_MODES)
         if self.targets == "topk":
             _within("cam.topk", self.topk, 1, MAX_CLASS_INDEX, "maps per image")
+        if self.targets == "all":
+            if self.method not in ALL_TARGETS_METHODS:
+                raise UserError(f"cam.targets=all computes every class's map as one matrix product with the final "
+                                f"linear layer's weights: use cam.method={', '.join(ALL_TARGETS_METHODS)} "
+                                f"(not {self.method})")
+            if self.analytic == "off":
+                raise UserError("cam.targets=all needs the analytic head (one matrix product); use cam.analytic=auto")
+        if self.keep_maps and self.targets != "all":
+            raise UserError(f"cam.keep_maps={list(self.keep_maps)} applies to cam.targets=all; with "
+                            f"cam.targets={self.targets} every row keeps its map")
+        for index in self.keep_maps:
+            _within("cam.keep_maps[...]", index, 0, MAX_CLASS_INDEX, "a class index")
         if self.targets == "classes":
             if not self.classes:
                 raise UserError("cam.targets=classes needs cam.classes=[i,j,...] (class indices)")
@@ -502,6 +520,20 @@ class Config:
     output: OutputConfig = field(default_factory=OutputConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+
+    def check_all_targets(self) -> None:
+        """cam.targets=all makes one row per class per image: what costs per row (extra forwards,
+        upsampled maps, PNGs) is refused with it, in one line."""
+        if self.cam.targets != "all":
+            return
+        costly = [name for name, on in (("metrics.faithfulness", self.metrics.faithfulness),
+                                        ("metrics.road", self.metrics.road),
+                                        ("output.heatmap_png", self.output.heatmap_png),
+                                        (f"output.cam_size={self.output.cam_size}", self.output.cam_size != "layer"))
+                  if on]
+        if costly:
+            raise UserError(f"cam.targets=all writes a row per class per image: {', '.join(costly)} would cost that "
+                            "much per class; turn it off, or list the classes with cam.targets=classes")
 
 
 def register_configs() -> None:

@@ -174,6 +174,8 @@ def select_targets(logits: torch.Tensor, labels: torch.Tensor, cfg: CamConfig,
         return logits.argmax(dim=1, keepdim=True)
     if cfg.targets == "topk":
         return logits.topk(cfg.topk, dim=1).indices
+    if cfg.targets == "all":  # every class, ranked by logit: target_rank 0 is the prediction
+        return logits.argsort(dim=1, descending=True)
     if cfg.targets == "classes":
         if classes is None:
             classes = torch.tensor(cfg.classes, device=logits.device)
@@ -250,8 +252,9 @@ class CamEngine:
             log.info("cam.analytic: the gradients are %s's weights / HW (the head is %s), no backward",
                      found.description.rsplit(" -> ", 1)[-1], found.description)
             return found
-        if cfg.method == "cam":
-            raise UserError(f"cam.method=cam needs a head of global average pooling then one linear layer "
+        if cfg.method == "cam" or cfg.targets == "all":
+            what = "cam.method=cam" if cfg.method == "cam" else "cam.targets=all"
+            raise UserError(f"{what} needs a head of global average pooling then one linear layer "
                             f"after the target layer: {reason}")
         if cfg.analytic == "on":
             raise UserError(f"cam.analytic=on: no analytic gradients: {reason}; use cam.analytic=auto")
@@ -267,13 +270,17 @@ class CamEngine:
         if self.perturber is not None:
             weights = self.perturber.weights(images, outputs[0].detach(), targets, logits)
             return [self._broadcast(weights, self.layers[0].view(outputs[0]))]
-        go = grad_outputs(logits, targets, cfg.method, cfg.finer_alpha, list(cfg.finer_comparison_categories))
         if self.head is not None:
-            # d score / d A[c, s] = sum_n go[n] W[n, c] / HW at every position s
+            # d score / d A[c, s] = sum_n go[n] W[n, c] / HW at every position s; for a logit, W[t] / HW
             weight = self.head.weight.detach().to(torch.float32)
             spatial = outputs[0].shape[-2] * outputs[0].shape[-1]
-            weights = torch.einsum("kbn,nc->bkc", go.float(), weight)
+            if cfg.method == "finercam":
+                go = grad_outputs(logits, targets, cfg.method, cfg.finer_alpha, list(cfg.finer_comparison_categories))
+                weights = torch.einsum("kbn,nc->bkc", go.float(), weight)
+            else:
+                weights = weight[targets]  # (B, K, C)
             return [self._broadcast(weights if cfg.method == "cam" else weights / spatial, outputs[0])]
+        go = grad_outputs(logits, targets, cfg.method, cfg.finer_alpha, list(cfg.finer_comparison_categories))
         grads = (self._shapley_gradients if cfg.method == "shapleycam" else self._gradients)(logits, outputs, go)
         return [layer.view(grad) for layer, grad in zip(self.layers, grads)]
 
@@ -322,6 +329,10 @@ class CamEngine:
         cfg = self.cfg
         if cfg.targets == "topk" and cfg.topk > num_classes:
             raise UserError(f"cam.topk={cfg.topk} is larger than the model's {num_classes} classes")
+        bad = [index for index in cfg.keep_maps if index >= num_classes]
+        if bad:
+            raise UserError(f"cam.keep_maps={bad} out of range: the model has {num_classes} classes "
+                            f"(0..{num_classes - 1})")
         if cfg.targets == "classes":
             bad = [index for index in cfg.classes if index >= num_classes]
             if bad:
@@ -383,6 +394,12 @@ class CamEngine:
         if gradients is None:
             cams = compute_cam(activation, None, self.cfg.method, normalize=False)
             return cams.expand(-1, num_targets, -1, -1).contiguous()
+        if (gradients.stride(-1) == 0 and gradients.stride(-2) == 0 and self.backend == "torch"
+                and formula_of(self.cfg.method) in ("gradcam", "hirescam")):
+            # channel weights constant over the positions (analytic, cam, scorecam, ablationcam):
+            # the map is one matrix product, whatever the number of targets (cam.targets=all)
+            weights = gradients[..., 0, 0].float()
+            return torch.relu(torch.einsum("bkc,bchw->bkhw", weights, activation.float()))
         if self.backend == "triton":
             from gradcam_batch.kernels import fused_cam
 

@@ -307,6 +307,7 @@ def run(cfg: Config, resolved: dict | None = None) -> Summary:
     lock = None
     try:
         cfg.data.check_settings_used()
+        cfg.check_all_targets()
         check_output_dir(output_dir)
         channels_last, engine, layer_name, shards = _prepare(cfg, device)
         lock = hold_output(output_dir, cfg.output.overwrite)
@@ -440,6 +441,11 @@ def _process(cfg: Config, resolved: dict, device, channels_last, engine: CamEngi
                 # (summary.default_layer); the zero maps of every layer
                 totals = {"pointing": localization_sums(extras[-1]),
                           "zero_maps": sum(int(extra.map_empty.sum()) for extra in extras)}
+                if cfg.cam.targets == "all":
+                    # most classes have no positive evidence in an image: the zero maps that say
+                    # something about the run are those of the top-ranked class
+                    totals["zero_maps"] = sum(int(extra.map_empty[:, 0].sum()) for extra in extras)
+                    totals["maps_checked"] = count * len(extras)
                 rows += result.target_classes.numel() * len(result.layers)
                 images += count
                 out = ShardOutput(batch.shard_id, batch.sample_ids, batch.labels.numpy(),

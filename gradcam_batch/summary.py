@@ -59,7 +59,7 @@ class Summary:
             for key in pointing:
                 pointing[key] += unit["pointing"].get(key, 0)
             zero_maps["zero"] += unit.get("zero_maps", 0)
-            zero_maps["maps"] += unit["rows"]
+            zero_maps["maps"] += unit.get("maps_checked", unit["rows"])  # cam.targets=all: rank 0 only
         self.pointing_hits, self.pointing_total = pointing["hits"], pointing["total"]
         self.box_energy_sum, self.box_iou_sum = pointing["energy_sum"], pointing["iou_sum"]
         self.pointing_empty, self.boxes_outside_crop = pointing["empty"], pointing["outside_crop"]

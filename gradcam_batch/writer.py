@@ -304,8 +304,15 @@ def _layer_table(out: ShardOutput, layer: str, layer_cams: np.ndarray, cam_mean:
     height, width = layer_cams.shape[2:]
     rows = num_images * num_targets
     labels = np.repeat(out.labels, num_targets)
-    offsets = np.arange(rows + 1, dtype=np.int32) * (height * width)
-    cams = pa.ListArray.from_arrays(pa.array(offsets), pa.array(layer_cams.reshape(-1).astype(np.float32, copy=False)))
+    kept = extras.get("map_kept")  # cam.targets=all: only cam.keep_maps' maps are stored
+    if kept is None:
+        offsets = np.arange(rows + 1, dtype=np.int32) * (height * width)
+        cams = pa.ListArray.from_arrays(pa.array(offsets), pa.array(layer_cams.reshape(-1).astype(np.float32, copy=False)))
+    else:
+        kept = kept.reshape(-1).astype(bool)
+        offsets = np.concatenate([[0], np.cumsum(np.where(kept, height * width, 0))]).astype(np.int32)
+        values = layer_cams.reshape(rows, -1)[kept].reshape(-1).astype(np.float32, copy=False)
+        cams = pa.ListArray.from_arrays(pa.array(offsets), pa.array(values), mask=pa.array(~kept))
     peak = peak.reshape(-1)
     return pa.Table.from_arrays([
         pa.array(np.repeat(np.array(out.sample_ids, dtype=object), num_targets), pa.string()),
