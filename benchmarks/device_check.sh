@@ -6,8 +6,10 @@
 #   cam_table.json  the kernel tile table measured by the sweep (copy it to kernels/ to commit it)
 #   kernel.md       bench_kernel.py: all six methods, four shapes, two layouts, K 1 and 5
 #   pipeline.md     bench_pipeline.py: decode modes, 1 vs 20 shards, ResNet-50/152, ViT-B/16, peers, stages
+#   methods.md      bench_methods.py (stage `methods`, not in the default list: ~60 s): every CAM
+#                   method's engine step on resnet18, batch 64, bf16, all channels for scorecam/ablationcam
 #   logs.tar.gz     every log
-# Stages (default: all, in this order): kernel, pipeline, tests. With the device tool, after running
+# Stages (default: kernel, pipeline, tests, in this order; also: methods). With the device tool, after running
 # benchmarks/fetch_device_wheels.sh here:
 #   run(command="bash benchmarks/device_check.sh", carry=[".whl"], timeout_s=520)
 set -uo pipefail
@@ -43,10 +45,13 @@ for stage in "${stages[@]}"; do
     pipeline)
       timeout 190 "${table[@]}" python3 benchmarks/bench_pipeline.py --device cuda --images 10000 --peer-images 2000 \
         --budget-seconds 170 --out "$OUT/pipeline.md" 2>&1 | tee "$LOGS/pipeline.log" | tail -50 | tee -a "$SUMMARY" ;;
+    methods)
+      timeout 90 python3 benchmarks/bench_methods.py --device cuda --batch 64 --channels all --amp bf16 \
+        --repeats 3 --out "$OUT/methods.md" 2>&1 | tee "$LOGS/methods.log" | tail -30 | tee -a "$SUMMARY" ;;
     tests)
       timeout 75 python3 -m pytest -q -m gpu -p no:cacheprovider tests 2>&1 | tee "$LOGS/gpu-tests.log" \
         | tail -15 | tee -a "$SUMMARY" ;;
-    *) echo "unknown stage $stage (kernel, pipeline, tests)" >&2; exit 2 ;;
+    *) echo "unknown stage $stage (kernel, pipeline, methods, tests)" >&2; exit 2 ;;
   esac
 done
 echo "== done in $((SECONDS - started)) s" | tee -a "$SUMMARY"
