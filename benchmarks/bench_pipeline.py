@@ -65,15 +65,26 @@ from pipeline_runs import (TimedOut, common_overrides, decode_modes, pipeline_de
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
 STAGE_PROVIDERS = ("forward", "engine", "decode", "device-decode", "writer")
+# a whole run per CAM method beyond gradcam (the perturbation ones on 64 channels per image: 64 extra
+# forwards of the whole model for scorecam, of the network after the layer for ablationcam)
+METHOD_PROVIDERS = {
+    "method-gradcam-backward": ["cam.analytic=off"],
+    **{f"method-{name}": [f"cam.method={name}"] for name in
+       ("gradcampp", "finercam", "shapleycam", "cam", "eigencam", "eigengradcam", "kpcacam", "fem")},
+    "method-scorecam": ["cam.method=scorecam", "cam.channels=top:64"],
+    "method-ablationcam": ["cam.method=ablationcam", "cam.channels=top:64"],
+    "targets-all": ["cam.targets=all"],
+    "road": ["metrics.road=true"],
+}
 RUN_PROVIDERS = ("top1", "top1-1shard", "top1-workers", "top1-device", "top1-mixed", "topk", "big", "vit", "timm",
-                 "faithfulness", "heatmaps")
+                 "faithfulness", "heatmaps", *METHOD_PROVIDERS)
 # rows that add output options to the top-1 row, to measure what they cost
 OPTION_PROVIDERS = {"faithfulness": ["metrics.faithfulness=true"],
-                    "heatmaps": ["output.cam_size=input", "output.heatmap_png=true"]}
+                    "heatmaps": ["output.cam_size=input", "output.heatmap_png=true"], **METHOD_PROVIDERS}
 PROVIDERS = STAGE_PROVIDERS + RUN_PROVIDERS + tuple(PEERS)
 # the order the whole runs go in: what the goals need first, so a short budget drops the rest
 RUN_PRIORITY = ("top1", "top1-1shard", "big", "vit", "top1-workers", "top1-device", "top1-mixed", "pytorch-grad-cam",
-                "captum", "topk", "timm", "faithfulness", "heatmaps")
+                "captum", "topk", "timm", "faithfulness", "heatmaps", *METHOD_PROVIDERS)
 PEER_MODULES = {"pytorch-grad-cam": "pytorch_grad_cam", "captum": "captum"}
 DECODE_PROVIDERS = {"top1-workers": "workers", "top1-device": "device", "top1-mixed": "mixed"}
 CUDA_ONLY = {
@@ -464,7 +475,8 @@ def _run_label(args, key: str, shards: int) -> str:
             "vit": f"gradcam-batch {args.vit_model} top-1",
             "timm": f"gradcam-batch timm {args.timm_model} top-1",
             "faithfulness": "gradcam-batch top-1 + faithfulness (3 fractions: 7 extra forwards)",
-            "heatmaps": "gradcam-batch top-1 + cam_size=input + heatmap_png"}[key]
+            "heatmaps": "gradcam-batch top-1 + cam_size=input + heatmap_png",
+            **{key: f"gradcam-batch {' '.join(options)}" for key, options in METHOD_PROVIDERS.items()}}[key]
 
 
 def result_name(device: str, card: str, date: datetime.date) -> str:
