@@ -244,8 +244,10 @@ def versions() -> str:
     try:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True,
                                 timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
         if commit:
-            found.append(f"gradcam-batch commit {commit} (with uncommitted changes: strategies.py is new)")
+            found.append(f"gradcam-batch commit {commit}" + (" (with uncommitted changes)" if dirty else ""))
     except (OSError, subprocess.TimeoutExpired):  # no git: the versions above still say what ran
         pass
     return ", ".join(found)

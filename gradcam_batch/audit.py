@@ -84,15 +84,10 @@ def row_extras(cfg: Config, result: CamResult, images: torch.Tensor, boxes: torc
     has_boxes = bool((~torch.isnan(boxes)).all(dim=-1).any())
     boxes = boxes.to(images.device, non_blocking=True) if has_boxes else None
     extras = []
-    every_class = cfg.cam.targets == "all"
-    if every_class:
-        keep = torch.tensor(list(cfg.cam.keep_maps), dtype=torch.long, device=result.target_classes.device)
-        kept = torch.isin(result.target_classes, keep)
+    kept = engine.kept_maps(result.target_classes)  # cam.targets=all; None otherwise
     for maps in result.layers:
-        extra = RowExtras(map_empty=empty_maps(maps.cams))
-        if every_class:
-            extra.map_kept = kept
-        if boxes is not None and not every_class:  # box metrics: of the ranked maps, not of every class's
+        extra = RowExtras(map_empty=empty_maps(maps.cams), map_kept=kept)
+        if boxes is not None and kept is None:  # box metrics: of the ranked maps, not of every class's
             parts = [box_metrics(maps.cams[start:start + BOX_CHUNK], maps.peak[start:start + BOX_CHUNK],
                                  boxes[start:start + BOX_CHUNK], crop, cfg.metrics.threshold)
                      for start in range(0, maps.cams.shape[0], BOX_CHUNK)]

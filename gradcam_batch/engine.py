@@ -230,6 +230,11 @@ class CamEngine:
         self._oom_logged = False
         # made once: a per-batch torch.tensor would be a host-to-device copy in the hot loop
         self._classes = torch.tensor(cfg.classes, device=device) if cfg.targets == "classes" else None
+        self._keep_maps = torch.tensor(list(cfg.keep_maps), dtype=torch.long, device=device)
+
+    def kept_maps(self, targets: torch.Tensor) -> torch.Tensor | None:
+        """cam.targets=all: bool (B, K), whose maps are stored (cam.keep_maps); None: every map is."""
+        return torch.isin(targets, self._keep_maps) if self.cfg.targets == "all" else None
 
     def _analytic_head(self, model: nn.Module, cfg: CamConfig):
         """The final linear layer's weights where the head is provably pooling then that layer

@@ -31,3 +31,15 @@ def full_backward_reference(model, images, classes, method, layer="layer4", as_m
     finally:
         handle.remove()
     return torch.stack(maps).view(*classes.shape, *maps[0].shape)
+
+
+def layer_output(model, layer, images):
+    """The output of `layer` (a module of `model`) on `images`, detached, from a no_grad forward."""
+    captured = {}
+    handle = layer.register_forward_hook(lambda m, i, o: captured.__setitem__("a", o.detach()))
+    try:
+        with torch.no_grad():
+            model(images)
+    finally:
+        handle.remove()
+    return captured["a"]

@@ -16,7 +16,7 @@ from gradcam_batch.engine import CamEngine
 from gradcam_batch.methods import (ALL_METHODS, EXTRA_METHODS, compute_cam, first_component_maps,
                                    kernel_component_maps)
 from gradcam_batch.models import build_model
-from reference import full_backward_reference
+from reference import full_backward_reference, layer_output
 
 SIZE = 128  # layer4 is 4x4, as in test_engine
 
@@ -139,14 +139,7 @@ def engine_for(model, method, layer=None, **cam):
 
 
 def layer4_activations(model, images):
-    captured = {}
-    handle = model.layer4.register_forward_hook(lambda m, i, o: captured.__setitem__("a", o.detach()))
-    try:
-        with torch.no_grad():
-            model(images)
-    finally:
-        handle.remove()
-    return captured["a"]
+    return layer_output(model, model.layer4, images)
 
 
 def min_max(maps: np.ndarray) -> np.ndarray:

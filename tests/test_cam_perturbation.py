@@ -18,6 +18,7 @@ from gradcam_batch.engine import CamEngine
 from gradcam_batch.methods import compute_cam
 from gradcam_batch.models import build_model
 from gradcam_batch.perturbation import chosen_channels, parse_channels
+from reference import layer_output
 
 SIZE = 64  # layer4 is 2x2
 
@@ -35,17 +36,6 @@ def images():
 def engine_for(model, method, layer=None, **cam):
     return CamEngine(model, model.layer4 if layer is None else layer, CamConfig(method=method, **cam),
                      torch.device("cpu"), num_classes=1000)
-
-
-def layer_output(model, layer, images):
-    captured = {}
-    handle = layer.register_forward_hook(lambda m, i, o: captured.__setitem__("a", o.detach()))
-    try:
-        with torch.no_grad():
-            model(images)
-    finally:
-        handle.remove()
-    return captured["a"]
 
 
 def float64_weights(model, layer, images, targets, method, channels=None):
