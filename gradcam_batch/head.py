@@ -3,7 +3,9 @@
 `split_at(model, layer_name)` traces the model with torch.fx, keeping the target layer as one
 call, and cuts the graph there: the *prefix* computes the layer's output and every earlier value
 the rest still reads (a residual stream that bypasses the layer, for instance), the *tail*
-computes the logits from those. AblationCAM runs only the tail for each ablated channel, and
+computes the logits from those. Shapes the tail reads of such values are read again in the
+tail (so a batch size never crosses the cut), and values made from the parameters alone (a
+relative position bias) are passed as they are. AblationCAM runs only the tail for each ablated channel, and
 `linear_head` reads the tail to prove the head is global average pooling then one linear layer,
 when Grad-CAM's gradients are known without a backward:
 
@@ -27,6 +29,9 @@ class Split:
     prefix: fx.GraphModule  # images -> (layer output, *extras)
     tail: fx.GraphModule  # (layer output, *extras) -> logits
     num_extras: int
+    # per extra: whether it is computed from the images (a residual stream, a shape) or only
+    # from the model's parameters (Swin's relative position bias), the same for every image
+    from_images: tuple[bool, ...] = ()
 
 
 class _Tracer(fx.Tracer):
@@ -69,6 +74,14 @@ def split_at(model: nn.Module, layer_name: str) -> Split | str:
     logits = outputs[0].args[0]
     if logits not in after:
         return "the logits do not depend on the target layer"
+    # shapes read from a tensor the tail has anyway (`B, H, W, C = x.shape` of a residual
+    # stream) are read again in the tail, so a batch size is never carried across the cut
+    moved: set[fx.Node] = set()
+    for node in reversed(nodes[:nodes.index(layer)]):
+        if (_reads_shape(node) and any(user in after or user in moved for user in node.users)
+                and _tensor_read(node, after, layer)):
+            moved.add(node)
+    after |= moved
     extras = []
     for node in nodes:
         if node in after:
@@ -94,10 +107,34 @@ def split_at(model: nn.Module, layer_name: str) -> Split | str:
         elif node in after:
             env[node] = tail_graph.node_copy(node, lambda n: env[n])
     tail_graph.output(env[logits])
+    inputs = [n for n in nodes if n.op == "placeholder"]
+    from_images = tuple(any(n in inputs for n in _ancestors([extra])) for extra in extras)
     try:
-        return Split(fx.GraphModule(model, prefix_graph), fx.GraphModule(model, tail_graph), len(extras))
+        return Split(fx.GraphModule(model, prefix_graph), fx.GraphModule(model, tail_graph), len(extras),
+                     from_images)
     except Exception as error:
         return f"the traced graph cannot be split ({type(error).__name__}: {str(error).splitlines()[0][:160]})"
+
+
+def _reads_shape(node: fx.Node) -> bool:
+    """x.shape, x.size(), x.dim(), x.ndim, or an item of one of these."""
+    if node.op == "call_function" and node.target is getattr:
+        return len(node.args) > 1 and node.args[1] in ("shape", "ndim")
+    if node.op == "call_method":
+        return node.target in ("size", "dim")
+    if node.op == "call_function" and node.target is operator.getitem:
+        return isinstance(node.args[0], fx.Node) and _reads_shape(node.args[0])
+    return False
+
+
+def _tensor_read(node: fx.Node, after: set[fx.Node], layer: fx.Node) -> bool:
+    """Whether the tensor a shape read reads is one the tail takes anyway: the layer's output or
+    a value before the layer that a step of the tail (not a shape read) uses."""
+    while node.op == "call_function" and node.target is operator.getitem:
+        node = node.args[0]
+    tensor = node.args[0]
+    return isinstance(tensor, fx.Node) and (tensor is layer or any(
+        user in after and not _reads_shape(user) for user in tensor.users))
 
 
 def _ancestors(roots: list[fx.Node]) -> set[fx.Node]:

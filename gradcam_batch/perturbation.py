@@ -162,7 +162,7 @@ class Perturber:
                 self._check_split(layer_output, extras, images)  # may give up the split
         if self.split is not None:
             def run(start, stop):
-                selected = _select(extras, pairs[start:stop])
+                selected = _select(extras, self.split.from_images, pairs[start:stop])
                 return self.split.tail(ablated(start, stop).to(layer_output.dtype), *selected)
         else:
             def run(start, stop):
@@ -184,13 +184,14 @@ class Perturber:
         batch = images.shape[0]
         index = torch.cat([torch.arange(batch), torch.zeros(1, dtype=torch.long)]).to(images.device)
         reason = None
-        if not all(not isinstance(extra, torch.Tensor) or (extra.dim() > 0 and extra.shape[0] == batch)
-                   for extra in extras):
+        per_image = self.split.from_images
+        if not all(not isinstance(extra, torch.Tensor) or not from_images or (extra.dim() > 0 and extra.shape[0] == batch)
+                   for extra, from_images in zip(extras, per_image)):
             reason = "the network after the layer reads tensors from before it that are not per-image"
         else:
             try:
                 with torch.no_grad(), self.autocast():
-                    tail = self.split.tail(layer_output[index], *_select(extras, index)).float()
+                    tail = self.split.tail(layer_output[index], *_select(extras, per_image, index)).float()
                     whole = self.model(images).float()[index]
                 if tail.shape != whole.shape or not torch.allclose(
                         tail, whole, rtol=1e-3, atol=1e-3 * max(whole.abs().max().item(), 1e-6)):
@@ -202,7 +203,9 @@ class Perturber:
             self.split = None
 
 
-def _select(extras, index: torch.Tensor) -> list:
-    """The per-image tensors among the tail's extra inputs at `index`; constants (an attention
-    mask of None, a flag) as they are."""
-    return [extra[index] if isinstance(extra, torch.Tensor) else extra for extra in extras]
+def _select(extras, from_images, index: torch.Tensor) -> list:
+    """The tail's extra inputs for the items at `index`: the per-image tensors indexed, values
+    made from the parameters alone (Swin's relative position bias) and non-tensors (an attention
+    mask of None, a width) as they are."""
+    return [extra[index] if isinstance(extra, torch.Tensor) and per_image else extra
+            for extra, per_image in zip(extras, from_images)]

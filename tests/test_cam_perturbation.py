@@ -171,23 +171,41 @@ def test_ablation_falls_back_to_the_whole_model_with_the_same_maps(resnet18, ima
                                split(images, torch.full((2,), -1)).cams, atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("method", ["scorecam", "ablationcam"])
-def test_vit_token_maps(method):
-    """A timm ViT's tokens as (B, D, 14, 14) maps: ablation through the network after the layer
-    (which also reads the residual stream from before it) equals the float64 loop through the
-    whole model; scorecam masks with the token maps."""
-    pytest.importorskip("timm")
-    from gradcam_batch.layers import resolve_target_layers
+def token_model(family):
+    """A timm ViT (tokens read as (B, D, 14, 14)) or a small random Swin (channels-last 7x7 maps),
+    and the size of its maps."""
+    timm = pytest.importorskip("timm")
     from gradcam_batch.models import load_model
 
-    model = load_model(ModelConfig(source="timm", name="vit_tiny_patch16_224"))[0]
+    if family == "vit":
+        return load_model(ModelConfig(source="timm", name="vit_tiny_patch16_224"))[0], 14
+    torch.manual_seed(0)
+    model = timm.create_model("swin_tiny_patch4_window7_224", pretrained=False, embed_dim=16,
+                              depths=(1, 1, 1, 1), num_heads=(1, 1, 2, 2), num_classes=10)
+    return model.eval().requires_grad_(False), 7
+
+
+@pytest.mark.parametrize("family", ["vit", "swin"])
+@pytest.mark.parametrize("method", ["scorecam", "ablationcam"])
+def test_token_maps(method, family, caplog):
+    """A timm ViT's tokens and a Swin's channels-last maps: ablation through the network after the
+    layer (which also reads the residual stream from before it, and for Swin a relative position
+    bias made from the parameters and the shapes of the residual stream) equals the float64 loop
+    through the whole model; scorecam masks with the token maps."""
+    from gradcam_batch.layers import resolve_target_layers
+
+    model, grid = token_model(family)
     fresh = torch.randn(1, 3, 224, 224, generator=torch.Generator().manual_seed(9))
     layers = resolve_target_layers(model, "auto", fresh)
     engine = CamEngine(model, layers, CamConfig(method=method, channels="top:3", normalize=False), torch.device("cpu"))
     if method == "ablationcam":
-        assert engine.perturber.split is not None and engine.perturber.split.num_extras >= 1
-    result = engine(fresh, torch.full((1,), -1))
-    assert result.cams.shape == (1, 1, 14, 14)
+        split = engine.perturber.split
+        assert split is not None and split.num_extras >= 1
+        assert all(split.from_images) if family == "vit" else not all(split.from_images)
+    with caplog.at_level(logging.INFO, logger="gradcam_batch"):
+        result = engine(fresh, torch.full((1,), -1))
+    assert "whole model" not in caplog.text
+    assert result.cams.shape == (1, 1, grid, grid)
     # the reference: the same channels, one whole-model float64 forward each
     view = layers[0].view
     tokens = layer_output(model, layers[0].module, fresh)
