@@ -76,6 +76,12 @@ METHOD_PROVIDERS = {
     "targets-all": ["cam.targets=all"],
     "road": ["metrics.road=true"],
 }
+# the extra forwards per image the perturbation rows cost (their row's notes say it)
+FORWARDS_PER_IMAGE = {
+    "method-scorecam": "forwards per image: 1 + 64 of the whole model",
+    "method-ablationcam": "forwards per image: 1 of the whole model + 64 of the network after the layer",
+    "road": "forwards per image: 1 + 8 of the whole model (4 percentiles, most and least relevant first)",
+}
 RUN_PROVIDERS = ("top1", "top1-1shard", "top1-workers", "top1-device", "top1-mixed", "topk", "big", "vit", "timm",
                  "faithfulness", "heatmaps", *METHOD_PROVIDERS)
 # rows that add output options to the top-1 row, to measure what they cost
@@ -379,6 +385,8 @@ class Benchmark:
                 gradcam_batch(key, _run_label(args, key, shards), args.timm_model, dataset, source="timm")
             elif key in OPTION_PROVIDERS:
                 gradcam_batch(key, _run_label(args, key, shards), args.model, dataset, extra=OPTION_PROVIDERS[key])
+                if key in FORWARDS_PER_IMAGE:
+                    plans[-1]["cost"] = FORWARDS_PER_IMAGE[key]
             else:
                 plans.append(self._peer_plan(key, dataset))
         return plans

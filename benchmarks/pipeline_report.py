@@ -114,6 +114,8 @@ def run_row(plan: dict, results: list[dict], stopped: str | None, dataset_images
         row.status = plan.get("status") or stopped or "not reached: the benchmark stopped before this run"
         return row
     last = results[-1]
+    if plan.get("cost"):
+        row.notes.append(plan["cost"])
     row.images = last["images"]
     loop_runs = [r["images"] / r["loop_seconds"] for r in results]
     whole_runs = [r["images"] / r["wall_seconds"] for r in results]

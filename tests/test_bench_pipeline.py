@@ -190,3 +190,21 @@ def test_quick_cpu_run_reports_rows_and_skips(data_dir, tmp_path, capsys):
     assert any(line.startswith("== bench_pipeline summary: cpu") for line in tail)
     assert any(line.startswith("gradcam-batch top-1, decode device") and "skipped: needs CUDA" in line
                for line in tail)
+
+
+def test_perturbation_rows_state_their_forwards_per_image(monkeypatch):
+    """The scorecam, ablationcam and ROAD rows say how many forwards an image costs, with the
+    channel count of their own options and ROAD's default percentiles."""
+    from gradcam_batch.config import MetricsConfig
+
+    for key in ("method-scorecam", "method-ablationcam"):
+        channels = next(o for o in bench_pipeline.METHOD_PROVIDERS[key] if o.startswith("cam.channels=top:"))
+        assert f"+ {channels.rsplit(':', 1)[1]} " in bench_pipeline.FORWARDS_PER_IMAGE[key]
+    percentiles = len(MetricsConfig().road_percentiles)
+    assert f"1 + {2 * percentiles} of the whole model ({percentiles} percentiles" in bench_pipeline.FORWARDS_PER_IMAGE["road"]
+    _fake_gradcam_batch(monkeypatch, {"images": 32, "seconds": 2.5})
+    args = bench_pipeline.parse_args(["--device", "cpu", "--quick"])
+    result = run_gradcam_batch(args, "cpu", ["cam.method=scorecam"], timeout=60)
+    plan = dict(key="method-scorecam", provider="gradcam-batch cam.method=scorecam", model="resnet18",
+                cost=bench_pipeline.FORWARDS_PER_IMAGE["method-scorecam"])
+    assert run_row(plan, [result], None, args.images).notes[0] == "forwards per image: 1 + 64 of the whole model"
