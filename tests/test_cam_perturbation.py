@@ -145,6 +145,44 @@ def test_chunk_size_does_not_change_the_maps(resnet18, images, method):
         torch.testing.assert_close(other.cams, runs[0].cams, atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("method", ["scorecam", "ablationcam"])
+def test_out_of_memory_halves_the_sized_batch(resnet18, images, method, caplog):
+    """cam.perturbation_batch=0 starts at the device's size and halves on out-of-memory until a
+    chunk fits, with the same maps; a batch the user set is not changed (the error goes up)."""
+    want = engine_for(resnet18, method, channels="top:9", perturbation_batch=1)(images, torch.full((2,), -1))
+    engine = engine_for(resnet18, method, channels="top:9", perturbation_batch=0)
+    perturber = engine.perturber
+    route = perturber.split.tail if method == "ablationcam" else perturber.model
+    sizes = []
+
+    def limited(*inputs):
+        sizes.append(inputs[0].shape[0])
+        if inputs[0].shape[0] > 5:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+        return route(*inputs)
+
+    if method == "ablationcam":
+        perturber.split = type(perturber.split)(perturber.split.prefix, limited, perturber.split.num_extras,
+                                                perturber.split.from_images)
+        perturber._checked = True
+    else:
+        perturber.model = limited
+    with caplog.at_level(logging.WARNING, logger="gradcam_batch"):
+        got = engine(images, torch.full((2,), -1))
+    torch.testing.assert_close(got.cams, want.cams, atol=1e-5, rtol=0)
+    # 18 perturbed items (2 images x 9 channels) at 64, 32, 16 and 8 fail; then chunks of 4
+    assert perturber.batch == 4 and sizes[:4] == [18, 18, 16, 8] and sizes[4:] == [4, 4, 4, 4, 2]
+    assert [f"cam.perturbation_batch now {n}" in caplog.text for n in (32, 16, 8, 4)] == [True] * 4
+    fixed = engine_for(resnet18, method, channels="top:9", perturbation_batch=8)
+    if method == "ablationcam":
+        fixed.perturber.split = perturber.split
+        fixed.perturber._checked = True
+    else:
+        fixed.perturber.model = limited
+    with pytest.raises(torch.cuda.OutOfMemoryError):
+        fixed(images, torch.full((2,), -1))
+
+
 class Untraceable(nn.Module):
     """resnet18 behind a data-dependent branch, which torch.fx cannot trace."""
 
