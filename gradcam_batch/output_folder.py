@@ -34,6 +34,8 @@ log = logging.getLogger("gradcam_batch")
 REPORT_NAME = "report.html"  # where gradcam-batch-report writes by default
 # what gradcam-batch-report writes beside cams/ (report/strategies.py), stale once the rows change
 STRATEGIES_NAMES = ("strategies.parquet", "strategies_classes.parquet")
+CROSSCHECK_NAME = "crosscheck.parquet"  # what the report's --compare writes (report/crosscheck.py), as stale
+REPORT_FILES = (*STRATEGIES_NAMES, CROSSCHECK_NAME)
 
 _IDENTITY_KEYS = {
     "data": ("format", "root", "shards", "shard_size", "image_column", "label_column", "id_column",
@@ -193,13 +195,13 @@ def check_entries(output_dir: str | Path) -> None:
 def _ours(output_dir: Path) -> list[Path]:
     """Every file this tool writes in an output folder, and nothing else: part files, the
     temporaries (under .tmp/, and where earlier versions kept them), the manifest and the report
-    of the folder (gradcam-batch-report's default file and its strategies files, stale once the rows
-    change). Not the
+    of the folder (gradcam-batch-report's default file, its strategies and cross-check files, stale
+    once the rows change). Not the
     lock file, which stays for the next run to lock (deleting a lock file lets two runs hold
     two different files of one name). Listed without following a link: a linked folder lists
     nothing and a linked file is not ours."""
     files = [*regular_files(output_dir / TMP_DIR),
-             *(output_dir / name for name in (f".{MANIFEST_NAME}.tmp", MANIFEST_NAME, REPORT_NAME, *STRATEGIES_NAMES))]
+             *(output_dir / name for name in (f".{MANIFEST_NAME}.tmp", MANIFEST_NAME, REPORT_NAME, *REPORT_FILES))]
     for folder in ("cams", "errors"):
         files += [path for path in regular_files(output_dir / folder)
                   if fnmatch.fnmatchcase(path.name, "part-*.parquet")
@@ -234,7 +236,7 @@ def foreign_entry(output_dir: str | Path) -> str | None:
         return None
     # demo-data/ is where the bare demo generates its shards when data.root is unset
     known = {"cams", "errors", TMP_DIR, LOCK_NAME, MANIFEST_NAME, f".{MANIFEST_NAME}.tmp", "demo-data", REPORT_NAME,
-             *STRATEGIES_NAMES}
+             *REPORT_FILES}
     ours = set(_ours(output_dir))
     with os.scandir(output_dir) as listing:
         entries = sorted(listing, key=lambda entry: entry.name)

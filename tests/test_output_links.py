@@ -294,12 +294,13 @@ def test_kill_nine_then_resume_gives_the_totals_of_an_uninterrupted_run(tmp_path
         pq.read_metadata(part)
 
 
-def test_overwrite_removes_the_strategies_files_the_report_wrote(tmp_path):
+def test_overwrite_removes_the_strategies_and_crosscheck_files_the_report_wrote(tmp_path):
     from cli_helpers import TINY_RESNET, run_cli
-    from gradcam_batch.output_folder import STRATEGIES_NAMES
+    from gradcam_batch.output_folder import REPORT_FILES as STRATEGIES_NAMES
+    from gradcam_batch.report.crosscheck import CROSSCHECK_NAME
     from gradcam_batch.report.strategies import CLASSES_NAME, STRATEGIES_NAME
 
-    assert set(STRATEGIES_NAMES) == {STRATEGIES_NAME, CLASSES_NAME}
+    assert set(STRATEGIES_NAMES) == {STRATEGIES_NAME, CLASSES_NAME, CROSSCHECK_NAME}
     out = tmp_path / "out"
     assert run_cli(*TINY_RESNET, "data.demo_images=4", f"output.dir={out}").returncode == 0
     for name in STRATEGIES_NAMES:

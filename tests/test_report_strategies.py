@@ -424,15 +424,19 @@ SHORTCUT_FILES = (REPO / "conf" / "data" / "demo_shortcut.yaml", REPO / "gradcam
 @pytest.mark.skipif(not all(path.is_file() for path in SHORTCUT_FILES), reason="the planted-shortcut demo is not "
                                                                                "there yet")
 def test_the_planted_shortcut_demo_ranks_its_class_first_with_the_mark_as_a_cluster(tmp_path):
-    """gradcam-batch data=demo_shortcut model=demo_shortcut, then the report: the planted class
-    first, its smallest tight cluster the stamped crosses, its mean map peaking at the mark."""
+    """gradcam-batch data=demo_shortcut model=demo_shortcut, then the report cross-checked with an
+    EigenCAM run (no gradients): the planted class first, its smallest tight cluster the stamped
+    crosses, its mean map peaking at the mark, and EigenCAM seeing that cluster too."""
     from cli_helpers import run_composed
     from gradcam_batch.data.demo import SHORTCUT_CLASS, in_mark_corner
+    from gradcam_batch.report.crosscheck import AGREE
     from test_shortcut_demo import read_samples
 
-    out = tmp_path / "out"
+    out, eigencam = tmp_path / "out", tmp_path / "eigencam"
     run_composed("data=demo_shortcut", "model=demo_shortcut", "runtime.progress=false", f"output.dir={out}")
-    assert report.main([str(out), "--out", str(tmp_path / "report.html")]) == 0
+    run_composed("data=demo_shortcut", "model=demo_shortcut", "runtime.progress=false", f"output.dir={eigencam}",
+                 "cam.method=eigencam")
+    assert report.main([str(out), "--out", str(tmp_path / "report.html"), "--compare", str(eigencam)]) == 0
     text = (tmp_path / "report.html").read_text()
     page = Page(text)
     first = page.table("strategies")[0]
@@ -454,3 +458,12 @@ def test_the_planted_shortcut_demo_ranks_its_class_first_with_the_mark_as_a_clus
     drawn = np.asarray(decode_data_uri(source).convert("RGB"), dtype=int)
     expected = np.asarray(decode_data_uri(data_uri(heatmap(mean, MEAN_SIZE))).convert("RGB"), dtype=int)
     assert np.abs(drawn - expected).max() <= 2
+    # a method of another kind sees the shortcut cluster too: the strategy is the model's
+    pairs = pq.read_table(out / "crosscheck.parquet").to_pandas().merge(members[["sample_id", "shard", "target_class"]])
+    assert len(pairs) == len(members) and pairs.agreement.median() >= AGREE
+    html = section_html(text, "crosscheck")
+    assert "gradcam (gradient) against eigencam (gradient-free)" in html
+    row = next(cells for cells in re.findall(r"<tr>(.*?)</tr>", html) if re.search(
+        rf"<td>{SHORTCUT_CLASS} \(cross\)</td><td><span[^>]*></span>{cluster} \(tight\)</td>", cells))
+    assert number(re.sub(r"<[^>]+>", "", re.findall(r'<td class="num[^"]*">(.*?)</td>', row)[3])) == pytest.approx(
+        pairs.agreement.median(), abs=0.005)

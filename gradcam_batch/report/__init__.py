@@ -3,7 +3,7 @@
     gradcam-batch-report OUTPUT_DIR [--out FILE.html] [--per-gallery N] [--max-classes N] [--layer NAME]
                          [--no-images] [--no-strategies] [--strategies-top N] [--strategies-neighbors N]
                          [--strategies-max-clusters N] [--strategies-min-maps N] [--strategies-grid GRID]
-                         [--strategies-max-exact N] [--strategies-workers N]
+                         [--strategies-max-exact N] [--strategies-workers N] [--compare OTHER_DIR]
     python -m gradcam_batch.report OUTPUT_DIR
 
 The page holds a run summary, a per-class table, the class-mean maps, the strategies, galleries
@@ -40,6 +40,12 @@ the run read (the manifest's `data` config, with the preprocessing it recorded),
 shards that hold the wanted samples, and decoded with the run's own resize and crop, so each map
 lies over exactly the pixels it explains. When the data cannot be read any more, those cards
 show the maps alone and the page says why.
+
+Cross-check (--compare OTHER_DIR, crosscheck.py): the rank-0 maps paired with those another run
+made of the same images and classes, typically with a method of another kind (eigencam or fem
+without gradients, scorecam or ablationcam by perturbation); each pair rated by the correlation
+of its maps, per class, per strategy cluster and the most disputed pairs in a Cross-check
+section, every pair in crosscheck.parquet beside cams/.
 
 An output folder may come from someone else, and the page is made to be shared, so the folder
 decides nothing it has not proven. Images (and an ImageFolder's class names) are read only from

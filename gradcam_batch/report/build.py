@@ -11,6 +11,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
+from gradcam_batch.report.crosscheck import CrossCheck, add_clusters, cross_check
+from gradcam_batch.report.crosscheck_page import crosscheck_section
 from gradcam_batch.report.images import Images, _run_crop, read_images, run_class_names
 from gradcam_batch.report.maps import scan_maps
 from gradcam_batch.report.page import render
@@ -20,7 +22,7 @@ from gradcam_batch.report.queries import (_duckdb_importable, _duckdb_usable, ov
 from gradcam_batch.report.source import ReportError, Source, _choose_layer, _first_line, open_output, run_layer
 from gradcam_batch.report.strategies import (CLASSES_NAME, STRATEGIES_NAME, StrategyError, StrategyOptions,
                                              find_strategies)
-from gradcam_batch.report.strategies_page import (DEFAULT_TOP, MAX_TOP, StrategyView, read_strategies,
+from gradcam_batch.report.strategies_page import (DEFAULT_TOP, MAX_TOP, StrategyView, _members, read_strategies,
                                                   strategies_section)
 
 
@@ -44,6 +46,8 @@ class Report:
     """(file, why) of the files in cams/ and errors/ left out: not this tool's part files of this output."""
     strategies: Optional[StrategyView] = None
     """The strategies shown (None: not asked for); its note says why there are none."""
+    crosscheck: Optional[CrossCheck] = None
+    """The agreement with another output's maps (None: no --compare)."""
 
 
 MAX_PER_GALLERY = 100
@@ -121,10 +125,12 @@ def _strategies(source: Source, layer: str, classes: list[int], options: Strateg
 def build_report(output_dir: str | Path, out: Optional[str | Path] = None, per_gallery: int = 8,
                  max_classes: int = 50, layer: Optional[str] = None, engine: str = "auto",
                  images: bool = True, strategies: Optional[StrategyOptions] = None,
-                 strategies_top: int = DEFAULT_TOP) -> Report:
+                 strategies_top: int = DEFAULT_TOP, compare: Optional[str | Path] = None) -> Report:
     """Write the report of `output_dir` (to `out`, else OUTPUT_DIR/report.html). `strategies`:
     the options of the SpRAy clustering to run and show (the command line's default; None here:
-    no Strategies section, no strategies files); `strategies_top`: classes shown cluster by cluster."""
+    no Strategies section, no strategies files); `strategies_top`: classes shown cluster by cluster;
+    `compare`: another output over the same data, whose maps this output's are checked against
+    (crosscheck.py)."""
     check_bounds(per_gallery, max_classes, strategies_top)
     source = open_output(output_dir)
     target = Path(out) if out else source.output_dir / "report.html"
@@ -140,9 +146,16 @@ def build_report(output_dir: str | Path, out: Optional[str | Path] = None, per_g
     if strategies is not None:
         view = _strategies(source, layer, [s.target_class for s in shown], strategies, strategies_top,
                            overview.maps)
+    check = None
+    if compare is not None:
+        check = cross_check(source, layer, compare, overview.maps)
+        if view is not None and view.detailed:
+            add_clusters(check, _members(source.output_dir, layer, [v.result.target_class for v in view.detailed]))
     wanted = {(row["shard"], row["sample_id"]) for rows in overview.galleries.values() for row in rows}
     if view is not None:
         wanted |= view.exemplar_slots()
+    if check is not None:
+        wanted |= {(row["shard"], row["sample_id"]) for row in check.disputed}
     scan = scan_maps(source, layer, [s.target_class for s in shown], wanted)
     stored = {slot: pixels for slot, data in scan.heatmaps.items() if (pixels := stored_picture(data)) is not None}
     to_read = wanted - set(stored)
@@ -155,7 +168,9 @@ def build_report(output_dir: str | Path, out: Optional[str | Path] = None, per_g
     pictures.heatmaps = stored
     errors_total, errors = read_errors(source)
     section = "" if view is None else strategies_section(view, scan, pictures, targets_are_predictions(source), layer)
-    page = render(source, overview, layer, shown, scan, pictures, errors_total, errors, per_gallery, section)
+    crosscheck = "" if check is None else crosscheck_section(check, [s.target_class for s in shown], view, pictures)
+    page = render(source, overview, layer, shown, scan, pictures, errors_total, errors, per_gallery, section,
+                  crosscheck)
     temporary = target.with_name(f".{target.name}.{os.getpid()}.tmp")
     try:
         temporary.write_text(page, encoding="utf-8")
@@ -164,4 +179,4 @@ def build_report(output_dir: str | Path, out: Optional[str | Path] = None, per_g
         temporary.unlink(missing_ok=True)
     cards = sum(len(rows) for rows in overview.galleries.values())
     return Report(target, len(shown), cards, len(pictures.pictures), pictures.note, len(stored), layer,
-                  overview.maps, overview.zero_maps, pictures.read_from, tuple(source.skipped), view)
+                  overview.maps, overview.zero_maps, pictures.read_from, tuple(source.skipped), view, check)

@@ -11,6 +11,7 @@ from typing import Optional
 import pyarrow as pa
 
 from gradcam_batch.report.build import MAX_CLASSES, MAX_PER_GALLERY, build_report
+from gradcam_batch.report.crosscheck import AGREE
 from gradcam_batch.report.source import PROG, ReportError, _first_line, _skipped_text
 from gradcam_batch.report.strategies import StrategyError, StrategyOptions
 from gradcam_batch.report.strategies_page import DEFAULT_TOP, MAX_TOP
@@ -91,6 +92,11 @@ def parser() -> argparse.ArgumentParser:
                        help="do not find the strategies (spectral relevance analysis of each class's maps): no "
                             "Strategies section, no strategies.parquet or strategies_classes.parquet written in "
                             "OUTPUT_DIR. Without it they are found, for the layer of the report")
+    parse.add_argument("--compare", metavar="OTHER_DIR",
+                       help="another gradcam-batch output over the same data, made with another cam.method (e.g. "
+                            "eigencam, fem or scorecam against gradcam): each rank-0 map is paired with its map of "
+                            "the same image and class, rated by correlation, per class and per strategy; the page "
+                            "gets a Cross-check section and OUTPUT_DIR a crosscheck.parquet")
     parse.add_argument("--strategies-top", type=_within(0, MAX_TOP, "each class shows its clusters' mean maps and "
                                                                    "exemplar cards"),
                        default=None, metavar="N", help=f"classes shown cluster by cluster: the first N of the "
@@ -132,7 +138,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         strategies = strategy_options(args)
         top = DEFAULT_TOP if args.strategies_top is None else args.strategies_top
         report = build_report(args.output_dir, args.out, args.per_gallery, args.max_classes, args.layer,
-                              args.engine, images=not args.no_images, strategies=strategies, strategies_top=top)
+                              args.engine, images=not args.no_images, strategies=strategies, strategies_top=top,
+                              compare=args.compare)
     except ReportError as error:
         print(f"{PROG}: error: {error}", file=sys.stderr)
         return 2
@@ -157,6 +164,15 @@ def main(argv: Optional[list[str]] = None) -> int:
               f"clustered, {split} split into 2 or more clusters"
               + (f", ranked first: class {first}" if first is not None else "")
               + f" ({view.seconds:.1f} s); wrote {', '.join(str(path) for path in view.files)}")
+    check = report.crosscheck
+    if check is not None:
+        print(f"cross-check against {check.other_dir} ({check.other_method}): {check.pairs:,} of {check.maps:,} maps "
+              f"paired, median r {'-' if check.overall.median is None else f'{check.overall.median:+.2f}'}, "
+              f"{0 if check.overall.agreeing is None else round(100 * check.overall.agreeing)}% of "
+              f"{check.overall.rated:,} rated pairs agree (r >= {AGREE}); wrote {check.path}")
+        if check.same_kind:
+            print(f"{PROG}: note: {check.method} and {check.other_method} rest on the same kind of evidence "
+                  f"({check.kind(check.method)}); a method of another kind checks more", file=sys.stderr)
     if report.zero_maps * 2 > report.maps:  # the page warns too; a scripted run should not miss it
         print(f"{PROG}: warning: {report.zero_maps:,} of {report.maps:,} rank-0 maps of layer "
               f"{report.layer or '(unnamed)'} are all zero (no positive evidence; see the page)", file=sys.stderr)

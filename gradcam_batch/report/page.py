@@ -70,6 +70,9 @@ figure.embedding svg { display: block; }
 .cluster { flex: 0 0 250px; }
 .cluster figure img.cluster-mean { image-rendering: auto; }
 .grid.exemplars { grid-template-columns: repeat(2, 1fr); gap: 8px; margin-top: 8px; }
+.grid.pairs { grid-template-columns: repeat(auto-fill, minmax(264px, 1fr)); }
+div.pair { display: grid; grid-template-columns: 1fr 1fr; gap: 2px; }
+td.low { color: #a02020; font-weight: 600; }
 """
 
 
@@ -490,13 +493,15 @@ def errors_section(total: int, shown: list[dict]) -> str:
 
 
 def render(source: Source, overview: Overview, layer: str, shown: list[ClassStats], scan: MapScan, images: Images,
-           errors_total: int, errors: list[dict], per_gallery: int, strategies: str = "") -> str:
-    """The page; `strategies`: the Strategies section's HTML (strategies_page), "" to leave it out."""
+           errors_total: int, errors: list[dict], per_gallery: int, strategies: str = "", crosscheck: str = "") -> str:
+    """The page; `strategies`, `crosscheck`: the Strategies and Cross-check sections' HTML
+    (strategies_page, crosscheck_page), "" to leave them out."""
     names = images.class_names
     title = f"gradcam-batch report: {source.manifest.get('model') or source.output_dir.name}"
     nav = "".join(f'<a href="#{anchor}">{_e(text)}</a>' for anchor, text in
                   [("summary", "Summary"), ("classes", "Classes"), ("means", "Class means"),
-                   *([("strategies", "Strategies")] if strategies else []), ("galleries", "Galleries"),
+                   *([("strategies", "Strategies")] if strategies else []),
+                   *([("crosscheck", "Cross-check")] if crosscheck else []), ("galleries", "Galleries"),
                    *((f"gallery-{key}", heading) for key, heading, *_ in GALLERIES), ("errors", "Errors")])
     generated = datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
     alarm = ""
@@ -517,6 +522,7 @@ def render(source: Source, overview: Overview, layer: str, shown: list[ClassStat
         + class_section(source, overview, shown, names, layer)
         + means_section(shown, scan, names, layer)
         + strategies
+        + crosscheck
         + gallery_sections(source, overview, per_gallery, scan, images, layer)
         + errors_section(errors_total, errors)
         + f"<footer>Written by {PROG} ({_e(overview.engine)}). Self-contained: every picture is inlined."
