@@ -223,3 +223,15 @@ def test_the_same_kind_of_method_is_said(pair, tmp_path, capsys):
     _, stderr = run([str(out), "--compare", str(same), "--no-strategies", "--no-images"], capsys)
     assert "gradcam and gradcampp rest on the same kind of evidence (gradient)" in stderr
     assert "Both methods rest on the same kind of evidence" in (out / "report.html").read_text()
+
+
+def test_the_other_outputs_same_layer_is_paired(pair, tmp_path, capsys):
+    """--layer layer3 on two runs of target layers layer3 and layer4: layer3 pairs with layer3
+    (there the other output's maps are this one's), not with the other run's summary layer."""
+    this, other = pair
+    out = tmp_path / "this"
+    shutil.copytree(this, out)
+    run([str(out), "--compare", str(other), "--layer", "layer3", "--no-strategies", "--no-images"], capsys)
+    got = pq.read_table(out / "crosscheck.parquet").to_pandas()
+    assert (got.layer == "layer3").all() and (got.other_layer == "layer3").all()
+    np.testing.assert_allclose(got.agreement.to_numpy(dtype=np.float64), 1.0, atol=1e-6)

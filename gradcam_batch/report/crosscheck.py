@@ -5,7 +5,8 @@ evidence than Grad-CAM alone; where they disagree, the map's story depends on th
     gradcam-batch-report OUTPUT_DIR --compare OTHER_DIR
 
 Rows pair up by (shard, sample_id, target_class) among the rank-0 maps of this report's layer
-and of the other output's layer (its run summary's). A pair's agreement is the Pearson
+and of the other output's layer: the same layer where the other output holds it too, else the
+one its run summary speaks of. A pair's agreement is the Pearson
 correlation of the two maps on the finer of their two grids (the coarser one bilinearly resized,
 align_corners=False, as the run resizes), in float64; it is null where either map is constant
 (an all-zero map has no evidence to agree with). Correlation ignores each map's scale and offset,
@@ -148,6 +149,21 @@ def _rank0_maps(paths: list[Path], layer: Optional[str], layers_seen: set[str]):
                        (int(height[index]), int(width[index])))
 
 
+def _other_layer(other: Source, layer: str) -> Optional[str]:
+    """The other output's layer to pair with: this report's layer where the other output holds it
+    too (both runs had several target layers), else the one its run summary speaks of."""
+    summary_layer = run_layer(other)
+    for recorded in (other.manifest, other.embedded):
+        target_layer = recorded.get("target_layer")
+        if isinstance(target_layer, str) and target_layer:
+            names = target_layer.split(",")
+            fuse = ((recorded.get("config") or {}).get("cam") or {}).get("fuse")
+            if layer in names or (fuse and len(names) > 1 and layer == summary_layer):
+                return layer
+            break
+    return summary_layer
+
+
 def _method(source: Source) -> str:
     for recorded in (source.manifest, source.embedded):
         method = recorded.get("method") or ((recorded.get("config") or {}).get("cam") or {}).get("method")
@@ -166,7 +182,7 @@ def cross_check(source: Source, layer: str, other_dir: str | Path, maps: int) ->
     if other.output_dir.resolve() == source.output_dir.resolve():
         raise ReportError(f"--compare {other_dir}: that is this output; give the output of a run with another "
                           "cam.method over the same data")
-    other_layer = run_layer(other)
+    other_layer = _other_layer(other, layer)
     layers_seen: set[str] = set()
     mine_by_shard: dict[str, list[Path]] = {}
     for path in source.cam_files:
