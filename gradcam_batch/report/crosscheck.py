@@ -48,7 +48,7 @@ READ_BATCH_ROWS = 1024
 KINDS = {
     **{name: "gradient" for name in ("gradcam", "gradcampp", "xgradcam", "hirescam", "layercam", "elementwise",
                                      "finercam", "shapleycam", "eigengradcam")},
-    "cam": "linear head (Grad-CAM's weights on such a head)",
+    "cam": "gradient",  # the linear layer's row is the logit's gradient: Grad-CAM's maps on such heads
     **{name: "gradient-free" for name in ("eigencam", "kpcacam", "fem")},
     **{name: "perturbation" for name in ("scorecam", "ablationcam")},
 }
