@@ -104,10 +104,13 @@ def synthetic_maps(group: np.ndarray, side: int, rng: np.random.Generator, jitte
     return ((cams - low) / (high - low + 1e-7)).reshape(len(group), -1).astype(np.float32)
 
 
-def write_output(output_dir: Path, maps: int, classes: int, side: int, shards: int, seed: int) -> np.ndarray:
-    """The synthetic output folder; returns the planted group per map (sample_id is its index)."""
+def write_output(output_dir: Path, maps: int, classes: int, side: int, shards: int, seed: int,
+                 noise_seed: int | None = None) -> np.ndarray:
+    """The synthetic output folder; returns the planted group per map (sample_id is its index).
+    `noise_seed` (default seed + 1) draws the jitter and noise: another one gives other maps of
+    the same images and groups, as another method would."""
     target, group, _ = planted(maps, classes, seed)
-    rng = np.random.default_rng(seed + 1)
+    rng = np.random.default_rng(seed + 1 if noise_seed is None else noise_seed)
     bounds = np.linspace(0, maps, shards + 1).astype(int)
     for index, (start, end) in enumerate(zip(bounds[:-1], bounds[1:])):
         cams = synthetic_maps(group[start:end], side, rng)

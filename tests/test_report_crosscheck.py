@@ -235,3 +235,23 @@ def test_the_other_outputs_same_layer_is_paired(pair, tmp_path, capsys):
     got = pq.read_table(out / "crosscheck.parquet").to_pandas()
     assert (got.layer == "layer3").all() and (got.other_layer == "layer3").all()
     np.testing.assert_allclose(got.agreement.to_numpy(dtype=np.float64), 1.0, atol=1e-6)
+
+
+def test_benchmark_small(tmp_path):
+    """benchmarks/bench_crosscheck.py on 2,000 maps: every map paired, and the pairs' median r is
+    the one numpy computes from the two synthetic outputs it wrote."""
+    benchmarks = str(Path(__file__).resolve().parents[1] / "benchmarks")
+    if benchmarks not in sys.path:
+        sys.path.insert(0, benchmarks)
+    import bench_crosscheck
+
+    table = tmp_path / "bench.md"
+    assert bench_crosscheck.main(["--maps", "2000", "--classes", "4", "--shards", "2", "--data-dir",
+                                  str(tmp_path / "data"), "--out", str(table)]) == 0
+    row = next(line for line in table.read_text().splitlines() if line.startswith("| 2,000 "))
+    cells = [cell.strip() for cell in row.strip("|").split("|")]
+    assert cells[1] == "7x7" and cells[6] == "2,000" and float(cells[5]) > 0
+    folders = sorted((tmp_path / "data").iterdir())
+    first, second = (pq.read_table(folder / "cams").to_pandas().sort_values("sample_id") for folder in folders)
+    r = correlations(np.stack(first.cam.to_numpy()).astype(np.float64), np.stack(second.cam.to_numpy()).astype(np.float64))
+    assert float(cells[7]) == pytest.approx(np.median(r), abs=0.0005)
