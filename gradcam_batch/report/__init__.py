@@ -84,12 +84,15 @@ The package, by what each module holds:
     spectral    SpRAy's method on one class's maps (kNN graph, eigengap, KMeans); StrategyOptions
     strategies  SpRAy of an output folder: the pass, classes in parallel, strategies*.parquet
     strategies_page  the Strategies section: the pass over the shown classes' clusters, the ranking, its HTML
+    crosscheck  --compare: the maps paired with another output's and rated, crosscheck.parquet
+    crosscheck_page  the Cross-check section's HTML
     page        the HTML sections and the page
     build       build_report: from the folder to the written page; the options' ceilings
     cli         argument parsing and main
 """
 
 from gradcam_batch.report.build import Report, build_report
+from gradcam_batch.report.crosscheck import CrossCheck, cross_check
 from gradcam_batch.report.cli import main, parser
 from gradcam_batch.report.images import Images, data_config, read_images
 from gradcam_batch.report.maps import MapScan, scan_maps
@@ -102,8 +105,8 @@ from gradcam_batch.report.source import (ERROR_COLUMNS, OPTIONAL_COLUMNS, PROG, 
 
 __all__ = [
     "ERROR_COLUMNS", "GALLERIES", "MEAN_COLUMNS", "OPTIONAL_COLUMNS", "PROG", "REQUIRED_COLUMNS",
-    "ClassStats", "Images", "MapScan", "Overview", "Report", "ReportError", "Source",
-    "_duckdb_importable", "build_report", "colormap", "data_config", "data_uri", "heatmap", "main", "open_output",
+    "ClassStats", "CrossCheck", "Images", "MapScan", "Overview", "Report", "ReportError", "Source",
+    "_duckdb_importable", "build_report", "colormap", "cross_check", "data_config", "data_uri", "heatmap", "main", "open_output",
     "overlay", "overview_arrow", "overview_duckdb", "parser", "read_errors", "read_images", "render", "scan_maps",
     "stored_picture", "upsample",
 ]
