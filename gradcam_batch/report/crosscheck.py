@@ -17,8 +17,8 @@ layer, other_layer, agreement; the file's metadata names both outputs and method
 shows, per class, the pairs, the median agreement and the share of pairs at or above AGREE; per
 strategy cluster of the classes the Strategies section shows (strategies.parquet), the same; and
 the pairs that disagree most, both maps side by side. Both outputs are read part file by part
-file, a shard's maps at a time from the other output, so memory follows the largest shard, not
-the dataset.
+file, a shard's maps at a time from the other output, and the pairs are written a shard at a
+time: memory follows the largest shard plus 16 bytes a pair (its class and r, for the medians).
 """
 
 from __future__ import annotations
@@ -190,65 +190,71 @@ def cross_check(source: Source, layer: str, other_dir: str | Path, maps: int) ->
     theirs_by_shard: dict[str, list[Path]] = {}
     for path in other.cam_files:
         theirs_by_shard.setdefault(_shard_of(path), []).append(path)
-    keys: list[tuple[str, str, int]] = []
-    values: list[float] = []
-    disputed: list[tuple[float, int, dict]] = []  # a max-heap of the lowest agreements, by -r
-    for shard in sorted(mine_by_shard):
-        theirs = {(s, i, t): (m, size) for s, i, t, m, size in
-                  _rank0_maps(theirs_by_shard.get(shard, []), other_layer, layers_seen)}
-        if other_layer is None and len(layers_seen) > 1:
-            raise ReportError(f"--compare {other_dir}: its maps are of several layers "
-                              f"({', '.join(sorted(layers_seen))}) and its manifest does not say which one "
-                              "its run summary speaks of")
-        if not theirs:
-            continue
-        pending: dict[tuple, list] = {}
-        for s, i, t, mine, size in _rank0_maps(mine_by_shard[shard], layer, set()):
-            match = theirs.get((s, i, t))
-            if match is None:
-                continue
-            other_map, other_size = match
-            pending.setdefault((size, other_size), []).append(((s, i, t), mine, other_map))
-        for (size, other_size), pairs in pending.items():
-            grid = max(size, other_size, key=lambda hw: hw[0] * hw[1])
-            first = _on_grid(np.stack([pair[1] for pair in pairs]), size, grid)
-            second = _on_grid(np.stack([pair[2] for pair in pairs]), other_size, grid)
-            rated = correlations(first, second)
-            for (key, mine, other_map), r in zip(pairs, rated.tolist()):
-                keys.append(key)
-                values.append(r)
-                if not np.isnan(r):
-                    entry = (-r, len(keys), dict(shard=key[0], sample_id=key[1], target_class=key[2], agreement=r,
-                                                 map=mine.reshape(size), other_map=other_map.reshape(other_size)))
-                    if len(disputed) < DISPUTED:
-                        heapq.heappush(disputed, entry)
-                    elif -r > disputed[0][0]:
-                        heapq.heapreplace(disputed, entry)
-    if not keys:
-        raise ReportError(f"--compare {other_dir}: none of its rank-0 maps is of an image and class that this "
-                          f"output's layer {layer} has a map of; compare two runs over the same data with the same "
-                          "targets")
-    other_layer = other_layer or next(iter(layers_seen), "")
-    rated = np.array(values, dtype=np.float64)
-    targets = np.array([key[2] for key in keys], dtype=np.int64)
-    check = CrossCheck(other.output_dir, _method(source), _method(other), layer, other_layer, maps, len(keys),
-                       agreement(rated))
-    for target_class in np.unique(targets).tolist():
-        check.classes[target_class] = agreement(rated[targets == target_class])
-    check.disputed = [entry[2] for entry in sorted(disputed, key=lambda entry: (-entry[0], entry[1]))]
-    table = pa.table({"sample_id": [key[1] for key in keys], "shard": [key[0] for key in keys],
-                      "target_class": targets, "layer": [layer] * len(keys),
-                      "other_layer": [other_layer] * len(keys), "agreement": rated}, schema=SCHEMA)
-    table = table.replace_schema_metadata({b"gradcam_batch.crosscheck": json.dumps(
-        {"other_output": str(other.output_dir), "method": check.method, "other_method": check.other_method,
+    method, other_method = _method(source), _method(other)
+    schema = SCHEMA.with_metadata({b"gradcam_batch.crosscheck": json.dumps(
+        {"other_output": str(other.output_dir), "method": method, "other_method": other_method,
          "agree_at": AGREE}).encode()})
-    check.path = source.output_dir / CROSSCHECK_NAME
-    temporary = check.path.with_name(f".{CROSSCHECK_NAME}.{os.getpid()}.tmp")
+    path = source.output_dir / CROSSCHECK_NAME
+    temporary = path.with_name(f".{CROSSCHECK_NAME}.{os.getpid()}.tmp")
+    rated_parts: list[np.ndarray] = []
+    target_parts: list[np.ndarray] = []
+    disputed: list[tuple[float, int, dict]] = []  # a heap of the lowest agreements, by -r
+    pairs_seen = 0
     try:
-        pq.write_table(table, temporary, compression="zstd")
-        os.replace(temporary, check.path)
+        with pq.ParquetWriter(temporary, schema, compression="zstd") as writer:
+            for shard in sorted(mine_by_shard):  # a shard's pairs at a time, written as they come
+                theirs = {(s, i, t): (m, size) for s, i, t, m, size in
+                          _rank0_maps(theirs_by_shard.get(shard, []), other_layer, layers_seen)}
+                if other_layer is None and len(layers_seen) > 1:
+                    raise ReportError(f"--compare {other_dir}: its maps are of several layers "
+                                      f"({', '.join(sorted(layers_seen))}) and its manifest does not say which "
+                                      "one its run summary speaks of")
+                if not theirs:
+                    continue
+                pending: dict[tuple, list] = {}
+                for s, i, t, mine, size in _rank0_maps(mine_by_shard[shard], layer, set()):
+                    match = theirs.get((s, i, t))
+                    if match is not None:
+                        pending.setdefault((size, match[1]), []).append(((s, i, t), mine, match[0]))
+                keys, values = [], []
+                for (size, other_size), pairs in pending.items():
+                    grid = max(size, other_size, key=lambda hw: hw[0] * hw[1])
+                    first = _on_grid(np.stack([pair[1] for pair in pairs]), size, grid)
+                    second = _on_grid(np.stack([pair[2] for pair in pairs]), other_size, grid)
+                    for (key, mine, other_map), r in zip(pairs, correlations(first, second).tolist()):
+                        keys.append(key)
+                        values.append(r)
+                        pairs_seen += 1
+                        if np.isnan(r) or (len(disputed) == DISPUTED and -r <= disputed[0][0]):
+                            continue
+                        entry = (-r, pairs_seen, dict(shard=key[0], sample_id=key[1], target_class=key[2],
+                                                      agreement=r, map=mine.reshape(size),
+                                                      other_map=other_map.reshape(other_size)))
+                        (heapq.heapreplace if len(disputed) == DISPUTED else heapq.heappush)(disputed, entry)
+                if not keys:
+                    continue
+                rated_parts.append(np.array(values, dtype=np.float64))
+                target_parts.append(np.array([key[2] for key in keys], dtype=np.int64))
+                writer.write_table(pa.table({
+                    "sample_id": [key[1] for key in keys], "shard": [key[0] for key in keys],
+                    "target_class": target_parts[-1], "layer": [layer] * len(keys),
+                    "other_layer": [other_layer or next(iter(layers_seen), "")] * len(keys),
+                    "agreement": rated_parts[-1]}, schema=schema))
+        if not pairs_seen:
+            raise ReportError(f"--compare {other_dir}: none of its rank-0 maps is of an image and class that this "
+                              f"output's layer {layer} has a map of; compare two runs over the same data with the "
+                              "same targets")
+        os.replace(temporary, path)
     finally:
         temporary.unlink(missing_ok=True)
+    rated, targets = np.concatenate(rated_parts), np.concatenate(target_parts)
+    check = CrossCheck(other.output_dir, method, other_method, layer, other_layer or next(iter(layers_seen), ""),
+                       maps, pairs_seen, agreement(rated), path=path)
+    order = np.argsort(targets, kind="stable")
+    classes, starts = np.unique(targets[order], return_index=True)
+    for target_class, group in zip(classes.tolist(), np.split(rated[order], starts[1:])):
+        check.classes[target_class] = agreement(group)
+    check.disputed = [entry[2] for entry in sorted(disputed, key=lambda entry: (-entry[0], entry[1]))]
     return check
 
 
