@@ -124,6 +124,9 @@ def test_correlations_equal_numpy_on_fresh_random_maps():
     want[[3, 7]] = np.nan
     np.testing.assert_allclose(got, want, atol=1e-12, equal_nan=True)
     np.testing.assert_allclose(correlations(first[:2], 3 * first[:2] + 1)[1], 1.0, atol=1e-12)
+    # raw maps of any scale are rated alike; a constant map resized with rounding is still constant
+    np.testing.assert_allclose(correlations(1e-14 * first, 1e-14 * second), got, atol=1e-9, equal_nan=True)
+    assert np.isnan(correlations(np.full((1, 49), 0.3) + 1e-16 * rng.random((1, 49)), second[:1])).all()
 
 
 def test_every_pair_is_rated_as_numpy_rates_it(compared):

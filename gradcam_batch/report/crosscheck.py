@@ -102,14 +102,17 @@ def agreement(values: np.ndarray) -> Agreement:
 
 def correlations(first: np.ndarray, second: np.ndarray) -> np.ndarray:
     """Row-wise Pearson r of two (n, m) float64 arrays; NaN where a row of either is constant."""
+    def flat(maps: np.ndarray) -> np.ndarray:
+        # resizing a constant map can leave a spread of a few ulps: constant too, at any scale
+        return np.ptp(maps, axis=1) <= 1e-9 * np.abs(maps).max(axis=1)
+
+    constant = flat(first) | flat(second)
     first = first - first.mean(axis=1, keepdims=True)
     second = second - second.mean(axis=1, keepdims=True)
     norms = np.sqrt((first * first).sum(axis=1) * (second * second).sum(axis=1))
     with np.errstate(invalid="ignore", divide="ignore"):
         r = (first * second).sum(axis=1) / norms
-    # rounding can give a constant map a tiny spread: treat spreads at float32 noise as constant
-    flat = (np.ptp(first, axis=1) <= 1e-12) | (np.ptp(second, axis=1) <= 1e-12)
-    return np.where(flat | ~np.isfinite(r), np.nan, np.clip(r, -1.0, 1.0))
+    return np.where(constant | ~np.isfinite(r), np.nan, np.clip(r, -1.0, 1.0))
 
 
 def _shard_of(path: Path) -> str:
