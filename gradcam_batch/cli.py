@@ -24,6 +24,15 @@ register_configs()
 
 
 def _hydra_main(cfg: DictConfig) -> None:
+    # The settings are checked before torch is imported (seconds): a mistake on the command
+    # line is its one line at once, and nothing is written.
+    try:
+        config = OmegaConf.to_object(cfg)
+        config.data.check_settings_used()
+        config.check_all_targets()
+    except UserError as error:
+        print(f"gradcam-batch: error: {error}", file=sys.stderr)
+        sys.exit(2)
     from gradcam_batch import dist, pipeline
     from gradcam_batch.writer import OutputWriteError
 
@@ -35,7 +44,6 @@ def _hydra_main(cfg: DictConfig) -> None:
     logging.getLogger("gradcam_batch").setLevel(logging.INFO if rank == 0 else logging.WARNING)
     logging.getLogger("hydra").setLevel(logging.WARNING)  # its launcher's "#1 : ..." lines: the job header says it
     try:
-        config = OmegaConf.to_object(cfg)
         job = _per_job_output_dir(config, cfg)
         if job is not None and dist.is_main():  # a sweep: say which job the lines below belong to
             print(f"== job {job}: {' '.join(_job_overrides()) or '(defaults)'} -> {config.output.dir}", flush=True)

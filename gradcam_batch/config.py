@@ -16,7 +16,7 @@ from typing import Any, List, Optional
 from hydra.core.config_store import ConfigStore
 
 from gradcam_batch import UserError
-from gradcam_batch.methods import ALL_METHODS
+from gradcam_batch.method_names import ALL_METHODS
 
 DATA_FORMATS = ("demo", "imagefolder", "webdataset", "parquet")
 DECODE_MODES = ("auto", "workers", "device", "mixed")
@@ -322,6 +322,16 @@ class ModelConfig:
         return list(self.target_layer) if isinstance(self.target_layer, list) else [self.target_layer]
 
 
+def parse_channels(spec: str) -> int | None:
+    """cam.channels: "all" -> None, "top:N" -> N."""
+    if spec == "all":
+        return None
+    head, _, count = str(spec).partition(":")
+    if head != "top" or not count.isdigit() or int(count) < 1:
+        raise UserError(f"cam.channels={spec!r} is not valid; use all or top:N (N >= 1 channels per image)")
+    return int(count)
+
+
 @dataclass
 class CamConfig:
     method: str = "gradcam"
@@ -378,8 +388,6 @@ class CamConfig:
         for rank in self.finer_comparison_categories:
             _within("cam.finer_comparison_categories[...]", rank, 1, MAX_CLASS_INDEX, "a rank of nearness")
         _within("cam.perturbation_batch", self.perturbation_batch, 0, 1 << 16, "perturbed inputs per forward (0: auto)")
-        from gradcam_batch.perturbation import parse_channels
-
         parse_channels(self.channels)
         if self.fuse is not None:
             _choice("cam.fuse", self.fuse, FUSE_MODES)

@@ -57,17 +57,8 @@ from __future__ import annotations
 
 import torch
 
-# the channel-weighted formulas: the Triton kernel implements exactly these
-METHODS = ("gradcam", "gradcampp", "xgradcam", "hirescam", "layercam", "elementwise")
-# PyTorch only (this module, on any device)
-EIGEN_METHODS = ("eigencam", "eigengradcam", "kpcacam")
-EXTRA_METHODS = EIGEN_METHODS + ("fem",)
-# the Grad-CAM formula on gradients the engine prepares (see the module docstring)
-PERTURBATION_METHODS = ("scorecam", "ablationcam")
-PREPARED_METHODS = ("finercam", "shapleycam", "cam") + PERTURBATION_METHODS
-# the maps do not depend on the target: the engine runs no backward, K targets share one map
-GRADIENT_FREE = ("eigencam", "kpcacam", "fem")
-ALL_METHODS = METHODS + EXTRA_METHODS + PREPARED_METHODS
+from gradcam_batch.method_names import (ALL_METHODS, EIGEN_METHODS, EXTRA_METHODS, GRADIENT_FREE,  # noqa: F401
+                                        METHODS, PERTURBATION_METHODS, PREPARED_METHODS)
 
 
 def formula_of(method: str) -> str:

@@ -26,7 +26,7 @@ import logging
 import torch
 from torch import nn
 
-from gradcam_batch import UserError
+from gradcam_batch.config import parse_channels
 from gradcam_batch.head import Split, split_at
 from gradcam_batch.layers import TargetLayer
 
@@ -35,16 +35,6 @@ log = logging.getLogger("gradcam_batch")
 SCORECAM_EPS = 1e-8
 ABLATION_VALUE = 1e7
 AUTO_BATCH = {"cuda": 1024, "cpu": 64}
-
-
-def parse_channels(spec: str) -> int | None:
-    """cam.channels: "all" -> None, "top:N" -> N."""
-    if spec == "all":
-        return None
-    head, _, count = str(spec).partition(":")
-    if head != "top" or not count.isdigit() or int(count) < 1:
-        raise UserError(f"cam.channels={spec!r} is not valid; use all or top:N (N >= 1 channels per image)")
-    return int(count)
 
 
 def chosen_channels(maps: torch.Tensor, count: int | None) -> torch.Tensor:

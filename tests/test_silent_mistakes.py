@@ -214,3 +214,27 @@ def test_a_rerun_of_a_one_unit_run_speaks_in_the_singular(tmp_path):
     assert again.returncode == 0, again.stderr
     assert "nothing to do: the only unit was already complete" in again.stdout
     assert "stored      1 row, 0 errors in 1 unit" in again.stdout
+
+
+# --- a mistake in the settings is found before torch is imported ---------------------------------
+
+CHECK_BEFORE_TORCH = """
+import sys
+sys.argv = ["gradcam-batch", *sys.argv[1:]]
+from gradcam_batch.cli import main
+try:
+    main()
+except SystemExit as stop:
+    print("exit", stop.code, "torch imported:", "torch" in sys.modules)
+"""
+
+
+@pytest.mark.parametrize("setting", ["data.shard_size=10", "cam.channels=best:3", "cam.method=nonsense",
+                                     "cam.targets=all metrics.road=true"])
+def test_a_settings_mistake_is_refused_before_torch_is_imported(tmp_path, setting):
+    """The configuration is checked without torch (seconds of imports): the one line comes at once."""
+    result = subprocess.run([sys.executable, "-c", CHECK_BEFORE_TORCH, *setting.split(), f"output.dir={tmp_path}/out"],
+                            capture_output=True, text=True, timeout=120)
+    assert "exit 2 torch imported: False" in result.stdout, (result.stdout, result.stderr)
+    assert len(result.stderr.strip().splitlines()) == 1 and "gradcam-batch: error: " in result.stderr
+    assert not (tmp_path / "out").exists()
