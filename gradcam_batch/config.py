@@ -357,9 +357,10 @@ class CamConfig:
     """auto (Triton kernel on CUDA, PyTorch elsewhere), torch, or triton."""
     analytic: str = "auto"
     """Where the head after the target layer is global average pooling then one linear layer
-    (ResNet, RegNet, EfficientNet), the gradients are that layer's weights / HW: auto takes them
-    without a backward where the model's graph proves such a head (logged), on refuses to run
-    without one, off always runs the backward."""
+    (ResNet, RegNet, EfficientNet), the gradients are that layer's weights / HW (with ConvNeXt's
+    layer norm between them, its backward of those weights per image): auto takes them without a
+    backward where the model's graph proves such a head (logged), on refuses to run without one,
+    off always runs the backward."""
     finer_alpha: float = 1.0
     """finercam: how strongly the similar classes' logits are subtracted (pytorch-grad-cam's alpha)."""
     finer_comparison_categories: List[int] = field(default_factory=lambda: [1, 2, 3])

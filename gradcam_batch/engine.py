@@ -253,9 +253,20 @@ class CamEngine:
             split = split_at(model, layer.name)
             found = split if isinstance(split, str) else linear_head(split)
             reason = found if isinstance(found, str) else None
+        if reason is None and found.norm is not None:
+            # the layer norm makes the weights depend on the image, and its second derivative is
+            # not zero: no class weights for cam, a backward for shapleycam's Hessian term
+            if cfg.method == "cam":
+                reason = (f"the layer norm in {found.description} makes the weights depend on the image "
+                          "(Grad-CAM has them analytically there: cam.method=gradcam)")
+            elif cfg.method == "shapleycam":
+                log.info("cam.analytic=auto: running the backward (shapleycam's second-order term through "
+                         "the layer norm in %s)", found.description)
+                return None
         if reason is None:
-            log.info("cam.analytic: the gradients are %s's weights / HW (the head is %s), no backward",
-                     found.description.rsplit(" -> ", 1)[-1], found.description)
+            log.info("cam.analytic: the gradients are %s's weights / HW%s (the head is %s), no backward",
+                     found.description.rsplit(" -> ", 1)[-1],
+                     " through the layer norm's backward" if found.norm is not None else "", found.description)
             return found
         if cfg.method == "cam" or cfg.targets == "all":
             what = "cam.method=cam" if cfg.method == "cam" else "cam.targets=all"
@@ -277,6 +288,7 @@ class CamEngine:
             return [self._broadcast(weights, self.layers[0].view(outputs[0]))]
         if self.head is not None:
             # d score / d A[c, s] = sum_n go[n] W[n, c] / HW at every position s; for a logit, W[t] / HW
+            # (through ConvNeXt's layer norm: its backward at the image's pooled activations)
             weight = self.head.weight.detach().to(torch.float32)
             spatial = outputs[0].shape[-2] * outputs[0].shape[-1]
             if cfg.method == "finercam":
@@ -284,6 +296,8 @@ class CamEngine:
                 weights = torch.einsum("kbn,nc->bkc", go.float(), weight)
             else:
                 weights = weight[targets]  # (B, K, C)
+            if self.head.norm is not None:
+                weights = self.head.through_norm(weights, outputs[0].detach().float().mean(dim=(-2, -1)))
             return [self._broadcast(weights if cfg.method == "cam" else weights / spatial, outputs[0])]
         go = grad_outputs(logits, targets, cfg.method, cfg.finer_alpha, list(cfg.finer_comparison_categories))
         grads = (self._shapley_gradients if cfg.method == "shapleycam" else self._gradients)(logits, outputs, go)

@@ -5,11 +5,15 @@ call, and cuts the graph there: the *prefix* computes the layer's output and eve
 the rest still reads (a residual stream that bypasses the layer, for instance), the *tail*
 computes the logits from those. Shapes the tail reads of such values are read again in the
 tail (so a batch size never crosses the cut), and values made from the parameters alone (a
-relative position bias) are passed as they are. AblationCAM runs only the tail for each ablated channel, and
-`linear_head` reads the tail to prove the head is global average pooling then one linear layer,
-when Grad-CAM's gradients are known without a backward:
+relative position bias) are passed as they are. AblationCAM runs only the tail for each
+ablated channel, and `linear_head` reads the tail to prove the head is global average pooling
+then one linear layer, when Grad-CAM's gradients are known without a backward:
 
     logit_t = b_t + sum_c W[t, c] mean_s A[c, s]   =>   d logit_t / d A[c, s] = W[t, c] / HW
+
+or, with a layer norm over the channels between them (ConvNeXt), p = mean_s A, x = (p - mean p)
+/ sd p, logit_t = W[t] (gamma x + beta) + b_t: d logit_t / d A[c, s] = J(p)^T (gamma W[t]) / HW,
+the layer norm's backward at the image's p.
 
 A model torch.fx cannot trace (data-dependent control flow, some hub and Hugging Face models)
 gets a reason instead of a split, and the callers fall back to running the whole model.
@@ -19,6 +23,7 @@ from __future__ import annotations
 
 import operator
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 from torch import fx, nn
@@ -199,12 +204,67 @@ def _is_reshape(node: fx.Node, modules: dict) -> bool:
 class LinearHead:
     weight: torch.Tensor  # (num_classes, C)
     description: str
+    norm: Optional[tuple[Optional[torch.Tensor], Optional[torch.Tensor], float]] = None
+    """(gamma, beta, eps) of a layer norm over the channels between the pooling and the linear
+    layer (ConvNeXt's head), else None."""
+
+    def through_norm(self, rows: torch.Tensor, pooled: torch.Tensor) -> torch.Tensor:
+        """d logit / d pooled for (B, K, C) rows of d logit / d (the linear layer's input), at the
+        (B, C) pooled activations: the layer norm's backward (biased variance, as nn.LayerNorm),
+        float32. Without a norm, the rows themselves."""
+        if self.norm is None:
+            return rows
+        gamma, _, eps = self.norm
+        pooled = pooled.float()
+        mean = pooled.mean(dim=1, keepdim=True)
+        inverse = torch.rsqrt(pooled.var(dim=1, unbiased=False, keepdim=True) + eps)  # (B, 1)
+        normalized = ((pooled - mean) * inverse)[:, None, :]  # (B, 1, C)
+        upstream = rows.float() * gamma.float() if gamma is not None else rows.float()
+        return inverse[:, None, :] * (upstream - upstream.mean(dim=-1, keepdim=True)
+                                      - normalized * (upstream * normalized).mean(dim=-1, keepdim=True))
+
+
+def _attribute(module: nn.Module, node) -> Optional[torch.Tensor]:
+    """The tensor a get_attr node reads (None for a missing weight or bias)."""
+    if not isinstance(node, fx.Node):
+        return None
+    value = module
+    for part in str(node.target).split("."):
+        value = getattr(value, part)
+    return value
+
+
+def _layer_norm(node: fx.Node, modules: dict, tail: nn.Module):
+    """(normalized_shape, gamma, beta, eps) of a layer norm step, or None if it is not one."""
+    if node.op == "call_module" and type(modules[node.target]) is nn.LayerNorm:
+        module = modules[node.target]
+        return tuple(module.normalized_shape), module.weight, module.bias, module.eps
+    if node.op == "call_function" and node.target is torch.nn.functional.layer_norm:
+        arguments = dict(zip(("input", "normalized_shape", "weight", "bias", "eps"), node.args))
+        arguments.update(node.kwargs)
+        shape = arguments.get("normalized_shape")
+        return (tuple(shape) if isinstance(shape, (tuple, list)) else (shape,),
+                _attribute(tail, arguments.get("weight")), _attribute(tail, arguments.get("bias")),
+                float(arguments.get("eps", 1e-5)))
+    return None
+
+
+def _permuted(node: fx.Node, ndim: int, position: int) -> Optional[int]:
+    """Where the channels are after x.permute(...), if it keeps the batch first; else None."""
+    dims = node.args[1:] if len(node.args) > 2 else node.args[1] if len(node.args) == 2 else node.kwargs.get("dims")
+    dims = tuple(dims) if isinstance(dims, (tuple, list)) else ()
+    if len(dims) != ndim or sorted(d % ndim for d in dims) != list(range(ndim)) or dims[0] % ndim != 0:
+        return None
+    return [d % ndim for d in dims].index(position)
 
 
 def linear_head(split: Split) -> LinearHead | str:
     """The tail's final linear layer when the tail is exactly global average pooling, steps that
-    only reshape (flatten, eval-mode dropout, identity), then one nn.Linear, each feeding only the
-    next; otherwise why not."""
+    only reshape (flatten, eval-mode dropout, identity, a permute that keeps the batch first),
+    at most one layer norm over the channels (ConvNeXt), then one nn.Linear, each feeding only
+    the next; otherwise why not. The channels' place is followed through the steps: after the
+    pooling every other axis but the batch has size 1, so a permute only moves the channels, and
+    a layer norm must normalize over exactly them."""
     if split.num_extras:
         return "the network after the layer also reads values from before it"
     modules = dict(split.tail.named_modules())
@@ -215,18 +275,44 @@ def linear_head(split: Split) -> LinearHead | str:
     for node in steps:
         if len(node.users) != 1:
             return f"{_describe(node)} feeds {len(node.users)} steps"
+    while len(steps) > 1 and steps[0].op == "call_module" and isinstance(modules[steps[0].target], nn.Identity):
+        steps = steps[1:]  # timm's norm_pre
     if not _is_pooling(steps[0], modules):
         return f"the layer is followed by {_describe(steps[0])}, not global average pooling"
+    last = steps[-1]
+    if len(steps) < 2 or last.op != "call_module" or not isinstance(modules[last.target], nn.Linear):
+        return f"the head ends in {_describe(last)}, not one linear layer"
+    channels = modules[last.target].in_features
+    keepdim = steps[0].kwargs.get("keepdim", False) or (len(steps[0].args) > 2 and steps[0].args[2] is True)
+    ndim, position = (2, 1) if steps[0].op != "call_module" and not _is_adaptive(steps[0]) and not keepdim else (4, 1)
+    norm = None
     for node in steps[1:-1]:
         if node.op == "call_module" and isinstance(modules[node.target], nn.Dropout):
             if modules[node.target].training:
                 return f"{node.target} is a dropout in training mode"
-        if not _is_reshape(node, modules):
+        found = _layer_norm(node, modules, split.tail)
+        if found is not None:
+            shape, gamma, beta, eps = found
+            if norm is not None or shape != (channels,) or position != ndim - 1:
+                return f"the pooling is followed by {_describe(node)}, not a layer norm over the channels"
+            norm = (gamma, beta, eps)
+        elif node.op == "call_method" and node.target == "permute":
+            position = _permuted(node, ndim, position)
+            if position is None:
+                return f"the pooling is followed by {_describe(node)}, which moves the batch axis"
+        elif _is_reshape(node, modules):
+            if not (node.op == "call_module" and isinstance(modules[node.target], (nn.Identity, nn.Dropout))):
+                ndim, position = 2, 1  # flatten, squeeze, view(B, -1): (B, C), channels kept in order
+        else:
             return f"the pooling is followed by {_describe(node)}, not only a linear layer"
-    last = steps[-1]
-    if len(steps) < 2 or last.op != "call_module" or not isinstance(modules[last.target], nn.Linear):
-        return f"the head ends in {_describe(last)}, not one linear layer"
-    return LinearHead(modules[last.target].weight, " -> ".join(_describe(node) for node in steps))
+    if ndim != 2:
+        return f"the linear layer {last.target} reads {ndim}-d values, not (B, C)"
+    description = " -> ".join(_describe(node) for node in steps)
+    return LinearHead(modules[last.target].weight, description, norm)
+
+
+def _is_adaptive(node: fx.Node) -> bool:
+    return node.op == "call_function" and node.target is torch.nn.functional.adaptive_avg_pool2d
 
 
 def _describe(node: fx.Node) -> str:

@@ -1,7 +1,9 @@
 """cam.analytic and cam.method=cam (issue 20): where the head after the target layer is global
-average pooling then one linear layer, the gradients are that layer's weights / HW. The analytic
-path must equal the autograd path on every head it accepts, refuse (fall back, logged) on heads it
-cannot prove, run no backward, and `cam` must equal Zhou et al.'s formula in float64."""
+average pooling then one linear layer, the gradients are that layer's weights / HW; with a layer
+norm over the channels between them (ConvNeXt), the layer norm's backward of those weights at the
+image's pooled activations. The analytic path must equal the autograd path on every head it
+accepts, refuse (fall back, logged) on heads it cannot prove, run no backward, and `cam` must equal
+Zhou et al.'s formula in float64 (and be refused where a layer norm makes the weights per image)."""
 
 import logging
 
@@ -35,6 +37,28 @@ class MeanHead(nn.Module):
         return self.fc(self.keep(self.drop(x)))
 
 
+class NormHead(MeanHead):
+    """Pooling, flatten, nn.LayerNorm over the channels, then the linear layer."""
+
+    def __init__(self):
+        super().__init__()
+        self.norm = nn.LayerNorm(24)
+        with torch.no_grad():
+            self.norm.weight.uniform_(0.5, 1.5)
+            self.norm.bias.uniform_(-0.5, 0.5)
+
+    def forward(self, x):
+        return self.fc(self.norm(torch.flatten(self.features(x).mean((2, 3), keepdim=True), 1)))
+
+
+class SizeOneNormHead(MeanHead):
+    """A layer norm over the singleton axis left by the pooling, not over the channels."""
+
+    def forward(self, x):
+        pooled = self.features(x).mean((2, 3), keepdim=True)
+        return self.fc(torch.flatten(nn.functional.layer_norm(pooled, (1,)), 1))
+
+
 class MlpHead(MeanHead):
     def forward(self, x):
         x = self.features(x).mean((2, 3))
@@ -46,10 +70,13 @@ def torchvision_model(name):
     return getattr(torchvision.models, name)(num_classes=10).eval()
 
 
-ACCEPTED = [("resnet18", "layer4"), ("efficientnet_b0", "features"), ("regnet_y_400mf", "trunk_output"),
-            ("mean-head", "features")]
+LINEAR = [("resnet18", "layer4"), ("efficientnet_b0", "features"), ("regnet_y_400mf", "trunk_output"),
+          ("mean-head", "features")]
+NORMED = [("convnext_tiny", "features"), ("timm-convnext", "stages"), ("norm-head", "features")]
+"""Heads with a layer norm over the channels between the pooling and the linear layer."""
+ACCEPTED = LINEAR + NORMED
 REFUSED = [("mobilenet_v3_small", "features", "the pooling is followed by classifier.0"),
-           ("convnext_tiny", "features", "not only a linear layer"),
+           ("size-one-norm", "features", "not a layer norm over the channels"),
            ("mlp-head", "features", "the pooling is followed by relu"),
            ("dropout-train", "features", "drop is a dropout in training mode"),
            ("resnet18", "layer3", "feeds 2 steps")]
@@ -59,9 +86,13 @@ def model_for(name):
     if name == "mean-head":
         torch.manual_seed(0)
         return MeanHead().eval()
-    if name == "mlp-head":
+    if name in ("mlp-head", "norm-head", "size-one-norm"):
         torch.manual_seed(0)
-        return MlpHead().eval()
+        return {"mlp-head": MlpHead, "norm-head": NormHead, "size-one-norm": SizeOneNormHead}[name]().eval()
+    if name == "timm-convnext":
+        timm = pytest.importorskip("timm")
+        torch.manual_seed(0)
+        return timm.create_model("convnext_atto", num_classes=10).eval()
     if name == "dropout-train":
         torch.manual_seed(0)
         model = MeanHead().eval()
@@ -134,7 +165,27 @@ def test_analytic_runs_no_backward(monkeypatch):
     assert result.cams.shape == (2, 3, 2, 2)
 
 
-@pytest.mark.parametrize("name,layer", ACCEPTED)
+@pytest.mark.parametrize("name,layer", NORMED)
+def test_a_layer_norm_head_every_class_at_once_equals_autograd_and_cam_is_refused(name, layer, caplog):
+    """cam.targets=all through the layer norm: every class's map equals the backward's map of
+    that class; cam (class weights) is refused in one line; shapleycam runs the backward (the
+    layer norm's second derivative is not zero)."""
+    model = model_for(name)
+    images = torch.randn(2, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(7))
+    every = engine_for(model, layer, targets="all")(images, torch.full((2,), -1))
+    each = engine_for(model, layer, targets="classes", classes=list(range(10)), analytic="off")(
+        images, torch.full((2,), -1))
+    order = every.target_classes[..., None, None].expand_as(each.cams)
+    torch.testing.assert_close(every.cams, each.cams.gather(1, order), atol=1e-5, rtol=0)
+    with pytest.raises(UserError, match="the layer norm in .* makes the weights depend on the image") as error:
+        engine_for(model, layer, method="cam")
+    assert "\n" not in str(error.value)
+    with caplog.at_level(logging.INFO, logger="gradcam_batch"):
+        assert engine_for(model, layer, method="shapleycam").head is None
+    assert "shapleycam's second-order term through the layer norm" in caplog.text
+
+
+@pytest.mark.parametrize("name,layer", LINEAR)
 def test_cam_equals_zhou_formula_in_float64(name, layer):
     """CAM (Zhou et al. 2016): M_t = sum_c W[t, c] A_c, ReLU, min-max; before normalization HW
     times Grad-CAM's map."""
