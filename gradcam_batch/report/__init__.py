@@ -87,6 +87,7 @@ The package, by what each module holds:
     crosscheck  --compare: the maps paired with another output's and rated, crosscheck.parquet
     crosscheck_page  the Cross-check section's HTML
     page        the HTML sections and the page
+    style       the page's style sheet
     build       build_report: from the folder to the written page; the options' ceilings
     cli         argument parsing and main
 """
