@@ -19,7 +19,7 @@ import sys
 import time
 from pathlib import Path
 
-from bench_strategies import _hwm_kb, _without_notes, cpu_name, measure, versions, write_output
+from bench_strategies import _hwm_kb, _without_notes, cpu_name, measure, synthetic_arguments, versions, write_output
 
 
 def _run_here(output_dir: str, other_dir: str) -> None:
@@ -39,14 +39,7 @@ def _run_here(output_dir: str, other_dir: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parse = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parse.add_argument("--maps", type=int, default=1_000_000)
-    parse.add_argument("--classes", type=int, default=1000)
-    parse.add_argument("--side", type=int, default=7)
-    parse.add_argument("--shards", type=int, default=100)
-    parse.add_argument("--seed", type=int, default=0)
-    parse.add_argument("--data-dir", type=Path, default=Path("/tmp/gradcam-bench-crosscheck"))
-    parse.add_argument("--out", type=Path, help="markdown file to write (default: print only)")
-    parse.add_argument("--note", action="append", default=[], help="a line to add under the table (repeatable)")
+    synthetic_arguments(parse, "/tmp/gradcam-bench-crosscheck")
     parse.add_argument("--run-here", nargs=2, metavar=("OUTPUT_DIR", "OTHER_DIR"), help=argparse.SUPPRESS)
     args = parse.parse_args(argv)
     if args.run_here:

@@ -276,17 +276,22 @@ def _without_notes(argv: list[str] | None) -> list[str]:
     return kept
 
 
-def main(argv: list[str] | None = None) -> int:
-    parse = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def synthetic_arguments(parse: argparse.ArgumentParser, data_dir: str) -> None:
+    """The options of a benchmark over synthetic outputs (write_output's) and of its table."""
     parse.add_argument("--maps", type=int, default=1_000_000)
     parse.add_argument("--classes", type=int, default=1000)
     parse.add_argument("--side", type=int, default=7)
     parse.add_argument("--shards", type=int, default=100)
-    parse.add_argument("--workers", type=int, default=0, help="StrategyOptions.workers (0: one per core)")
     parse.add_argument("--seed", type=int, default=0)
-    parse.add_argument("--data-dir", type=Path, default=Path("/tmp/gradcam-bench-strategies"))
+    parse.add_argument("--data-dir", type=Path, default=Path(data_dir))
     parse.add_argument("--out", type=Path, help="markdown file to write (default: print only)")
     parse.add_argument("--note", action="append", default=[], help="a line to add under the table (repeatable)")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parse = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    synthetic_arguments(parse, "/tmp/gradcam-bench-strategies")
+    parse.add_argument("--workers", type=int, default=0, help="StrategyOptions.workers (0: one per core)")
     parse.add_argument("--run-here", metavar="OUTPUT_DIR", help=argparse.SUPPRESS)  # the measured process
     args = parse.parse_args(argv)
     if args.run_here:

@@ -283,8 +283,7 @@ def linear_head(split: Split) -> LinearHead | str:
     if len(steps) < 2 or last.op != "call_module" or not isinstance(modules[last.target], nn.Linear):
         return f"the head ends in {_describe(last)}, not one linear layer"
     channels = modules[last.target].in_features
-    keepdim = steps[0].kwargs.get("keepdim", False) or (len(steps[0].args) > 2 and steps[0].args[2] is True)
-    ndim, position = (2, 1) if steps[0].op != "call_module" and not _is_adaptive(steps[0]) and not keepdim else (4, 1)
+    ndim, position = _pooled_ndim(steps[0]), 1
     norm = None
     for node in steps[1:-1]:
         if node.op == "call_module" and isinstance(modules[node.target], nn.Dropout):
@@ -311,8 +310,12 @@ def linear_head(split: Split) -> LinearHead | str:
     return LinearHead(modules[last.target].weight, description, norm)
 
 
-def _is_adaptive(node: fx.Node) -> bool:
-    return node.op == "call_function" and node.target is torch.nn.functional.adaptive_avg_pool2d
+def _pooled_ndim(node: fx.Node) -> int:
+    """The pooling's output: (B, C, 1, 1) from adaptive pooling or a mean with keepdim, else (B, C)."""
+    if node.op == "call_module" or node.target is torch.nn.functional.adaptive_avg_pool2d:
+        return 4
+    keepdim = node.kwargs.get("keepdim", False) or (len(node.args) > 2 and node.args[2] is True)
+    return 4 if keepdim else 2
 
 
 def _describe(node: fx.Node) -> str:

@@ -35,8 +35,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from gradcam_batch.report.source import (PART_FILE, ReportError, Source, _batches, _column, _layer_mask, _numpy,
-                                         open_output, run_layer)
+from gradcam_batch.report.source import (PART_FILE, ReportError, Source, _batches, _column, _layer_mask, map_sizes,
+                                         open_output, run_layer, run_method, run_target_layers)
 from gradcam_batch.report.strategies_page import _on_grid
 
 CROSSCHECK_NAME = "crosscheck.parquet"
@@ -128,16 +128,10 @@ def _rank0_maps(paths: list[Path], layer: Optional[str], layers_seen: set[str]):
         for batch in _batches(path, columns, READ_BATCH_ROWS):
             if layer is None:
                 layers_seen.update(v for v in _column(batch, "layer", pa.string()).unique().to_pylist() if v)
-                rank0 = pc.equal(_column(batch, "target_rank", pa.int32()), 0).fill_null(False)
-                batch = batch.filter(pc.and_(rank0, _column(batch, "target_class", pa.int64()).is_valid()))
-            else:
-                batch = batch.filter(pa.array(_layer_mask(batch, layer)))
+            batch = batch.filter(pa.array(_layer_mask(batch, layer)))
             if not batch.num_rows:
                 continue
-            height, _ = _numpy(batch.column("cam_height"), 0, np.int64)
-            width, _ = _numpy(batch.column("cam_width"), 0, np.int64)
-            length, _ = _numpy(pc.list_value_length(batch.column("cam")), -1, np.int64)
-            whole = (height > 0) & (width > 0) & (length == height * width)
+            height, width, whole = map_sizes(batch)
             if not whole.any():
                 continue
             batch = batch.filter(pa.array(whole))
@@ -154,25 +148,10 @@ def _rank0_maps(paths: list[Path], layer: Optional[str], layers_seen: set[str]):
 
 def _other_layer(other: Source, layer: str) -> Optional[str]:
     """The other output's layer to pair with: this report's layer where the other output holds it
-    too (both runs had several target layers), else the one its run summary speaks of."""
+    too (both runs had several target layers, or fused the same ones), else the one its run
+    summary speaks of."""
     summary_layer = run_layer(other)
-    for recorded in (other.manifest, other.embedded):
-        target_layer = recorded.get("target_layer")
-        if isinstance(target_layer, str) and target_layer:
-            names = target_layer.split(",")
-            fuse = ((recorded.get("config") or {}).get("cam") or {}).get("fuse")
-            if layer in names or (fuse and len(names) > 1 and layer == summary_layer):
-                return layer
-            break
-    return summary_layer
-
-
-def _method(source: Source) -> str:
-    for recorded in (source.manifest, source.embedded):
-        method = recorded.get("method") or ((recorded.get("config") or {}).get("cam") or {}).get("method")
-        if isinstance(method, str) and method:
-            return method
-    return "unknown"
+    return layer if layer == summary_layer or layer in run_target_layers(other) else summary_layer
 
 
 def cross_check(source: Source, layer: str, other_dir: str | Path, maps: int) -> CrossCheck:
@@ -193,7 +172,7 @@ def cross_check(source: Source, layer: str, other_dir: str | Path, maps: int) ->
     theirs_by_shard: dict[str, list[Path]] = {}
     for path in other.cam_files:
         theirs_by_shard.setdefault(_shard_of(path), []).append(path)
-    method, other_method = _method(source), _method(other)
+    method, other_method = run_method(source), run_method(other)
     schema = SCHEMA.with_metadata({b"gradcam_batch.crosscheck": json.dumps(
         {"other_output": str(other.output_dir), "method": method, "other_method": other_method,
          "agree_at": AGREE}).encode()})

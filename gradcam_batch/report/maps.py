@@ -10,7 +10,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from gradcam_batch.report.source import Source, _batches, _column, _layer_mask, _numpy, zero_maps
+from gradcam_batch.report.source import Source, _batches, _column, _layer_mask, _numpy, map_sizes, zero_maps
 
 SCAN_BATCH_ROWS = 256
 """Rows per record batch when the maps are read: with 56x56 maps about 3 MB of floats."""
@@ -84,10 +84,7 @@ def scan_maps(source: Source, layer: str, classes: list[int], wanted: set[tuple[
             for target_class, count in zip(*np.unique(target[of_class & zero], return_counts=True)):
                 zero_counts[int(target_class)] = zero_counts.get(int(target_class), 0) + int(count)
             of_class &= ~zero
-            height, _ = _numpy(batch.column("cam_height"), 0, np.int64)
-            width, _ = _numpy(batch.column("cam_width"), 0, np.int64)
-            length, _ = _numpy(pc.list_value_length(batch.column("cam")), -1, np.int64)
-            whole = (height > 0) & (width > 0) & (length == height * width)
+            height, width, whole = map_sizes(batch)
             for h, w in sorted({(int(a), int(b)) for a, b in zip(height[whole], width[whole])}):
                 rows = whole & (height == h) & (width == w)
                 part = batch.filter(pa.array(rows))

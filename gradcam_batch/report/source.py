@@ -279,16 +279,38 @@ def open_output(path: str | Path) -> Source:
 # --- the rows the report covers, record batch by record batch ------------------------------------
 
 
+def _recorded_layers(source: Source) -> Optional[tuple[str, Optional[str]]]:
+    """(the comma-joined target layers, cam.fuse) as the manifest, else the part files' metadata,
+    records them; None where neither does."""
+    for recorded in (source.manifest, source.embedded):
+        target_layer = recorded.get("target_layer")
+        if isinstance(target_layer, str) and target_layer:
+            return target_layer, ((recorded.get("config") or {}).get("cam") or {}).get("fuse")
+    return None
+
+
 def run_layer(source: Source) -> Optional[str]:
     """The layer the run summary speaks of (summary.default_layer: the fused maps, else the last
     target layer listed), from the manifest, else the part files' metadata; None where neither
     records the target layers."""
+    recorded = _recorded_layers(source)
+    return (default_layer(*recorded) or None) if recorded else None
+
+
+def run_target_layers(source: Source) -> list[str]:
+    """The run's target layers as recorded (empty where nothing records them)."""
+    recorded = _recorded_layers(source)
+    return [name for name in recorded[0].split(",") if name] if recorded else []
+
+
+def run_method(source: Source) -> str:
+    """The run's cam.method, from the manifest, else the part files' metadata; "unknown" where
+    neither records it."""
     for recorded in (source.manifest, source.embedded):
-        target_layer = recorded.get("target_layer")
-        if isinstance(target_layer, str) and target_layer:
-            fuse = ((recorded.get("config") or {}).get("cam") or {}).get("fuse")
-            return default_layer(target_layer, fuse) or None
-    return None
+        method = recorded.get("method") or ((recorded.get("config") or {}).get("cam") or {}).get("method")
+        if isinstance(method, str) and method:
+            return method
+    return "unknown"
 
 
 def _choose_layer(layer_rows: dict[str, int], wanted: Optional[str], preferred: Optional[str] = None) -> str:
@@ -315,11 +337,22 @@ def _numpy(array: pa.Array, fill, dtype) -> tuple[np.ndarray, np.ndarray]:
     return values, valid
 
 
-def _layer_mask(batch: pa.RecordBatch, layer: str) -> np.ndarray:
-    layers = _column(batch, "layer", pa.string()).fill_null("")
+def _layer_mask(batch: pa.RecordBatch, layer: Optional[str]) -> np.ndarray:
+    """The rank-0 rows of a known class in `layer` (None: in any layer)."""
     rank0 = pc.equal(_column(batch, "target_rank", pa.int32()), 0).fill_null(False)
-    known = _column(batch, "target_class", pa.int64()).is_valid()
-    return pc.and_(pc.and_(pc.equal(layers, layer), rank0), known).to_numpy(zero_copy_only=False)
+    known = pc.and_(rank0, _column(batch, "target_class", pa.int64()).is_valid())
+    if layer is not None:
+        known = pc.and_(pc.equal(_column(batch, "layer", pa.string()).fill_null(""), layer), known)
+    return known.to_numpy(zero_copy_only=False)
+
+
+def map_sizes(batch: pa.RecordBatch) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(cam_height, cam_width, whole) of a batch's rows: whole where the cam holds exactly
+    height * width values (a null map, or one of another length, is not)."""
+    height, _ = _numpy(_column(batch, "cam_height", pa.int32()), 0, np.int64)
+    width, _ = _numpy(_column(batch, "cam_width", pa.int32()), 0, np.int64)
+    length, _ = _numpy(pc.list_value_length(batch.column("cam")), -1, np.int64)
+    return height, width, (height > 0) & (width > 0) & (length == height * width)
 
 
 def zero_maps(batch: pa.RecordBatch) -> np.ndarray:

@@ -30,7 +30,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from gradcam_batch.report.source import (ReportError, Source, _batches, _column, _first_line, _layer_mask, _numpy,
-                                         open_output, run_layer)
+                                         map_sizes, open_output, run_layer)
 from gradcam_batch.report.spectral import (LEFT_OUT, UNREADABLE, ClassStrategies, Clustering, StrategyError,
                                            StrategyOptions, _cluster, _one_thread, _require_libraries, _resize,
                                            cluster_maps)
@@ -104,11 +104,8 @@ def _read_rows(source: Source, layer: str, grid: Optional[int]) -> Optional[_Row
                 batch = batch.filter(pa.array(_layer_mask(batch, layer)))
                 if not batch.num_rows:
                     continue
-                height, _ = _numpy(_column(batch, "cam_height", pa.int32()), 0, np.int64)
-                width, _ = _numpy(_column(batch, "cam_width", pa.int32()), 0, np.int64)
+                height, width, whole = map_sizes(batch)
                 cams = batch.column("cam")
-                length, _ = _numpy(pc.list_value_length(cams), -1, np.int64)
-                whole = (height > 0) & (width > 0) & (length == height * width)
                 pairs, counts = (np.unique(np.stack([height[whole], width[whole]]), axis=1, return_counts=True)
                                  if whole.any() else (np.zeros((2, 0), np.int64), np.zeros(0, np.int64)))
                 for (h, w), number in zip(pairs.T.tolist(), counts.tolist()):

@@ -33,7 +33,7 @@ from gradcam_batch.report.images import Images
 from gradcam_batch.report.maps import MapScan
 from gradcam_batch.report.page import _card, _e, _gallery_notes, _layer, _legend, _class_label
 from gradcam_batch.report.pictures import MEAN_SIZE, data_uri, heatmap
-from gradcam_batch.report.source import Source, _batches, _column, _layer_mask, _numpy
+from gradcam_batch.report.source import Source, _batches, _column, _layer_mask, _numpy, map_sizes
 from gradcam_batch.report.strategies import CLASSES_NAME, STRATEGIES_NAME, ClassStrategies, StrategyOptions
 
 TIGHT = 0.5
@@ -227,10 +227,8 @@ def read_strategies(source: Source, layer: str, shown: list[int], results: list[
             matched = found >= 0
             matched[matched] = member_class[found[matched]] == target[matched]
             found[~matched] = -1
-            height, _ = _numpy(_column(batch, "cam_height", pa.int32()), 0, np.int64)
-            width, _ = _numpy(_column(batch, "cam_width", pa.int32()), 0, np.int64)
-            length, _ = _numpy(pc.list_value_length(batch.column("cam")), -1, np.int64)
-            found[~((height > 0) & (width > 0) & (length == height * width))] = -1
+            height, width, whole = map_sizes(batch)
+            found[~whole] = -1
             if not (found >= 0).any():
                 continue
             values = {name: _numpy(_column(batch, name, pa.float64()).cast(pa.float64()), np.nan, np.float64)
